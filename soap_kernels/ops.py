@@ -1,0 +1,156 @@
+"""The hot ops of the batched engine, in plain PyTorch, and the choice of backend for each.
+
+Every op works on a *bucket*: ``B`` parameters of one shape stacked along a leading batch dim, in
+the preconditioner's working layout ``[B, d0, ..., dk]`` (after ``merge_dims`` and the
+``channels_last`` permutation). ``qs`` is one entry per working dim: an orthonormal eigenbasis
+``Q_i`` of shape ``[B, d_i, d_i]`` (fp32) or ``None`` for a dim that is not preconditioned.
+
+Conventions: "rotate in" is ``x ×_i Q_iᵀ`` for every preconditioned dim (for a matrix,
+``Q_Lᵀ X Q_R``); "rotate back" is ``x ×_i Q_i`` (``Q_L X Q_Rᵀ``). State and math are fp32.
+
+The Triton (``soap_kernels.triton``) and native (``soap_kernels._C``) backends provide faster
+versions of these same functions; :func:`resolve` picks the implementation per op.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+from torch import Tensor
+
+from . import lapack
+
+__all__ = [
+    "rotate",
+    "rotate_in_adam",
+    "rotate_back",
+    "update_statistics",
+    "refresh_factor",
+    "FLOPS",
+]
+
+
+def _mode_product(x: Tensor, q: Tensor, axis: int, back: bool) -> Tensor:
+    """Contract dim ``axis`` of the batched ``x`` with ``q`` (``[B, d, d]``).
+
+    ``back=False``: ``y[.., j, ..] = Σ_a q[a, j] x[.., a, ..]`` (rotate in);
+    ``back=True``:  ``y[.., j, ..] = Σ_a q[j, a] x[.., a, ..]`` (rotate back).
+    """
+    ndim = x.dim()
+    if ndim == 3:  # the matrix case: two plain batched GEMMs, no copies
+        if axis == 2:
+            return torch.matmul(x, q.mT if back else q)
+        return torch.matmul(q if back else q.mT, x)
+    moved = x.movedim(axis, -1)
+    shape = moved.shape
+    flat = moved.reshape(shape[0], -1, shape[-1])
+    out = torch.matmul(flat, q.mT if back else q)
+    return out.reshape(shape).movedim(-1, axis)
+
+
+def rotate(x: Tensor, qs: Sequence[Tensor | None], *, back: bool = False) -> Tensor:
+    """Rotate a bucket ``x`` into (``back=False``) or out of (``back=True``) the eigenbasis."""
+    for i, q in enumerate(qs):
+        if q is not None:
+            x = _mode_product(x, q, i + 1, back)
+    return x
+
+
+def rotate_in_adam(
+    grad: Tensor,
+    qs: Sequence[Tensor | None],
+    exp_avg: Tensor,
+    exp_avg_sq: Tensor,
+    beta1: float,
+    beta2: float,
+    eps: float,
+) -> tuple[Tensor, Tensor]:
+    """Rotate the gradient in and run Adam's moment update in the eigenbasis.
+
+    ``G' = rotate(grad)``; in place ``exp_avg ← β1·exp_avg + (1-β1)·G'`` and
+    ``exp_avg_sq ← β2·exp_avg_sq + (1-β2)·G'²``; returns ``(G', exp_avg / (√exp_avg_sq + eps))``.
+    Bias correction is not applied here: it is folded into the step size (as the reference does).
+    """
+    rotated = rotate(grad, qs)
+    exp_avg.lerp_(rotated, 1.0 - beta1)
+    exp_avg_sq.mul_(beta2).addcmul_(rotated, rotated, value=1.0 - beta2)
+    direction = exp_avg / exp_avg_sq.sqrt().add_(eps)
+    return rotated, direction
+
+
+def rotate_back(direction: Tensor, qs: Sequence[Tensor | None]) -> Tensor:
+    """``N = rotate back(direction)``: the update direction in the parameter's frame."""
+    return rotate(direction, qs, back=True)
+
+
+def update_statistics(stats: Sequence[Tensor | None], rotated_grad: Tensor, shampoo_beta: float) -> None:
+    """Rotated-frame Shampoo statistics: ``B_i ← βs·B_i + (1-βs)·G'_(i) G'_(i)ᵀ`` in place.
+
+    ``B_i = Q_iᵀ GG_i Q_i``. Because every ``Q_j`` is orthonormal, contracting the fully rotated
+    ``G'`` over the other dims equals rotating ``g_(i) g_(i)ᵀ`` by ``Q_i`` alone.
+    """
+    for i, s in enumerate(stats):
+        if s is None:
+            continue
+        x = rotated_grad.movedim(i + 1, 1)
+        x = x.reshape(x.shape[0], x.shape[1], -1)
+        s.baddbmm_(x, x.mT, beta=shampoo_beta, alpha=1.0 - shampoo_beta)
+
+
+def refresh_factor(stats: Tensor, q: Tensor) -> tuple[Tensor, Tensor]:
+    """One refresh of one factor for a batch of rows, in place on ``stats`` and ``q``.
+
+    Reference: ``est = diag(Qᵀ GG Q)``, sort descending (permutation ``P``), ``Q ← qr(GG Q P).Q``.
+    In the rotated frame ``GG Q P = (Q P)(Pᵀ B P)``, so ``Q ← (Q P)·Q_m`` with
+    ``Q_m R = qr(Pᵀ B P)`` (R's diagonal made positive, so a converged basis stays put) and
+    ``B ← Q_mᵀ (Pᵀ B P) Q_m = R Q_m``. Returns ``(perm [R, d], q_mix = Q_m [R, d, d])``: the caller
+    permutes ``exp_avg_sq`` by ``perm`` and re-expresses ``exp_avg`` as ``Q_mᵀ Pᵀ exp_avg``.
+    """
+    est = stats.diagonal(dim1=-2, dim2=-1)
+    perm = torch.argsort(est, dim=-1, descending=True)
+    permuted = stats.take_along_dim(perm[:, :, None], dim=1).take_along_dim(perm[:, None, :], dim=2)
+    q_perm = q.take_along_dim(perm[:, None, :], dim=2)
+    q_mix, r = lapack.qr(permuted)
+    sign = torch.sign(r.diagonal(dim1=-2, dim2=-1))
+    sign = torch.where(sign == 0, torch.ones_like(sign), sign)
+    q_mix = q_mix * sign[:, None, :]
+    r = r * sign[:, :, None]
+    new_stats = torch.matmul(r, q_mix)
+    stats.copy_(0.5 * (new_stats + new_stats.mT))
+    q.copy_(torch.matmul(q_perm, q_mix))
+    return perm, q_mix
+
+
+def reorthonormalize_(q: Tensor) -> None:
+    """Re-orthonormalise a product of orthogonal factors in place (QR, positive-diagonal R)."""
+    q_new, r = lapack.qr(q)
+    sign = torch.sign(r.diagonal(dim1=-2, dim2=-1))
+    sign = torch.where(sign == 0, torch.ones_like(sign), sign)
+    q.copy_(q_new * sign[:, None, :])
+
+
+class FLOPS:
+    """The lean FLOP model of DESIGN §2 (per step and per refresh, per parameter)."""
+
+    @staticmethod
+    def step(work_shape: Sequence[int], preconditioned: Sequence[bool]) -> int:
+        """Rotate in + rotate back + statistics: three mode products per preconditioned dim.
+
+        For an m×n matrix with both sides preconditioned this is ``6·m·n·(m+n)``.
+        """
+        numel = 1
+        for d in work_shape:
+            numel *= d
+        return sum(6 * numel * d for d, pre in zip(work_shape, preconditioned) if pre)
+
+    @staticmethod
+    def refresh(work_shape: Sequence[int], preconditioned: Sequence[bool]) -> int:
+        """Per refreshed factor of size d: QR (4/3 d³) + Q·Q_m (2 d³) + R·Q_m (2 d³), plus the
+        re-expression of ``exp_avg`` (2·numel·d)."""
+        numel = 1
+        for d in work_shape:
+            numel *= d
+        return sum(
+            int(16 * d**3 / 3) + 2 * numel * d for d, pre in zip(work_shape, preconditioned) if pre
+        )

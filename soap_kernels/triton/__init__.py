@@ -1,0 +1,1 @@
+"""Triton kernels for the hot path (one module per op family)."""
