@@ -24,10 +24,14 @@ from . import lapack
 __all__ = [
     "rotate",
     "rotate_in_adam",
+    "rotate_in_adafactor",
+    "permute_along",
+    "reexpress",
     "rotate_back",
     "update_statistics",
     "refresh_factor",
     "FLOPS",
+    "backend_available",
 ]
 
 
@@ -77,6 +81,48 @@ def rotate_in_adam(
     exp_avg_sq.mul_(beta2).addcmul_(rotated, rotated, value=1.0 - beta2)
     direction = exp_avg / exp_avg_sq.sqrt().add_(eps)
     return rotated, direction
+
+
+def rotate_in_adafactor(
+    grad: Tensor,
+    qs: Sequence[Tensor | None],
+    exp_avg: Tensor,
+    factored: Tensor,
+    beta1: float,
+    beta2: float,
+    eps: float,
+) -> tuple[Tensor, Tensor]:
+    """Like :func:`rotate_in_adam` with Adafactor's factored second moment (the Shampoo mode).
+
+    The rotated gradient is seen as a matrix ``[rows = d0, cols = d1·…·dk]``; ``factored[B, rows +
+    cols]`` holds EMAs of its row and column sums of squares, and ``v̂ = r cᵀ / Σ r``. With the
+    exact eigenbasis this is Shampoo with exponent 1/2 (the paper's equivalence).
+    """
+    rotated = rotate(grad, qs)
+    exp_avg.lerp_(rotated, 1.0 - beta1)
+    batch = rotated.shape[0]
+    rows = rotated.shape[1] if rotated.dim() > 1 else 1
+    square = rotated.square().reshape(batch, rows, -1)
+    row_acc, col_acc = factored[:, :rows], factored[:, rows:]
+    row_acc.mul_(beta2).add_(square.sum(dim=2), alpha=1.0 - beta2)
+    col_acc.mul_(beta2).add_(square.sum(dim=1), alpha=1.0 - beta2)
+    total = row_acc.sum(dim=1).clamp_min(1e-30)
+    v_hat = row_acc[:, :, None] * col_acc[:, None, :] / total[:, None, None]
+    direction = exp_avg / v_hat.sqrt_().add_(eps).reshape(rotated.shape)
+    return rotated, direction
+
+
+def permute_along(x: Tensor, dim: int, perm: Tensor) -> Tensor:
+    """``y[b, .., k, ..] = x[b, .., perm[b, k], ..]`` along working dim ``dim`` (``perm [B, d]``)."""
+    axis = dim + 1
+    shape = [perm.shape[0]] + [1] * (x.dim() - 1)
+    shape[axis] = perm.shape[1]
+    return x.take_along_dim(perm.reshape(shape), dim=axis)
+
+
+def reexpress(exp_avg: Tensor, dim: int, perm: Tensor, q_mix: Tensor) -> Tensor:
+    """``exp_avg`` in the refreshed basis along ``dim``: ``Q_newᵀ Q_old m = Q_mᵀ Pᵀ m``."""
+    return _mode_product(permute_along(exp_avg, dim, perm), q_mix, dim + 1, back=False)
 
 
 def rotate_back(direction: Tensor, qs: Sequence[Tensor | None]) -> Tensor:
@@ -154,3 +200,14 @@ class FLOPS:
         return sum(
             int(16 * d**3 / 3) + 2 * numel * d for d, pre in zip(work_shape, preconditioned) if pre
         )
+
+
+def backend_available(name: str) -> tuple[bool, str]:
+    """Whether a backend's ops can run here, and if not, why."""
+    if name in ("reference", "torch"):
+        return True, "plain PyTorch"
+    if name == "triton":
+        return False, "the Triton kernels are not wired into the engine yet"
+    if name == "cuda":
+        return False, "the native extension soap_kernels._C is not wired into the engine yet"
+    return False, f"unknown backend {name!r}"

@@ -1,0 +1,331 @@
+"""The batched SOAP engine in plain PyTorch (DESIGN §2), on any device.
+
+Parameters of one (param group, working layout, dtype, device) form a :class:`Bucket` whose state
+is stacked: ``exp_avg[B, *work]``, ``exp_avg_sq[B, *work]``, per preconditioned working dim ``i``
+an eigenbasis ``Q_i[B, d_i, d_i]`` and the statistics *in the rotated frame*
+``B_i = Q_iᵀ GG_i Q_i``. What differs from the reference (same math, less work):
+
+* ``exp_avg`` stays in the eigenbasis between refreshes (the reference rotates it back and forth
+  every step, which is the identity); at a refresh it is re-expressed with the small ``Q_m``.
+* Statistics are updated from the rotated gradient Adam already needs, so ``diag(B_i)`` (the
+  eigenvalue estimates) and the drift ``||B_i − diag B_i|| / ||B_i||`` are free, and the refresh is
+  ``Q ← (Q P)·qr(Pᵀ B P)`` instead of ``qr(GG Q P)``.
+* One batched GEMM serves every parameter of a bucket; LAPACK calls run at the faster thread count.
+
+The reference's per-parameter state (``step``, ``exp_avg``, ``exp_avg_sq``, ``GG``, ``Q``) is
+exported and imported by :meth:`Bucket.export_row` / :meth:`Bucket.import_row`, so checkpoints move
+between backends.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from . import ops, reference
+from .reference import Layout
+
+__all__ = ["Bucket", "BatchedEngine", "bucket_key"]
+
+# A basis is a product of orthogonal factors; re-orthonormalise it every this many refreshes.
+# The error grows by about one fp32 rounding per refresh, so this bounds ||QᵀQ − I|| near 1e-6.
+REORTHONORMALIZE_EVERY = 8
+
+
+def bucket_key(param: Tensor, layout: Layout) -> tuple:
+    return (layout, param.dtype, param.device)
+
+
+class Bucket:
+    """Stacked state of ``B`` same-shaped parameters of one param group."""
+
+    def __init__(self, params: list[Tensor], layout: Layout, second_moment: str) -> None:
+        self.params = params
+        self.layout = layout
+        self.second_moment = second_moment
+        count = len(params)
+        device = params[0].device
+        f32 = {"device": device, "dtype": torch.float32}
+        work = layout.work_shape
+        self.exp_avg = torch.zeros(count, *work, **f32)
+        if second_moment == "adam":
+            self.exp_avg_sq = torch.zeros(count, *work, **f32)
+        else:
+            self.exp_avg_sq = torch.zeros(count, reference._adafactor_numel(layout), **f32)
+        self.q: list[Tensor | None] = [
+            torch.zeros(count, d, d, **f32) if pre else None
+            for d, pre in zip(work, layout.preconditioned)
+        ]
+        self.stats: list[Tensor | None] = [None if q is None else torch.zeros_like(q) for q in self.q]
+        # The step count lives twice: on the device for the bias correction (no host sync on the
+        # step) and on the host for refresh decisions.
+        self.step = torch.zeros(count, **f32)
+        self.host_step = [0] * count
+        self.initialized = [False] * count
+        self.refreshes = 0
+
+    # ----------------------------------------------------------------------------- bookkeeping
+    @property
+    def factor_dims(self) -> list[int]:
+        return [i for i, q in enumerate(self.q) if q is not None]
+
+    def row_state(self, row: int) -> dict[str, Any]:
+        """Live views of one row's state under the reference's names (``GG`` is derived)."""
+        layout = self.layout
+        state: dict[str, Any] = {
+            "step": self.step[row],
+            "exp_avg": layout.from_work(self.exp_avg[row]),
+            "exp_avg_sq": (
+                layout.from_work(self.exp_avg_sq[row]) if self.second_moment == "adam" else self.exp_avg_sq[row]
+            ),
+            "Q": [reference.NOT_PRECONDITIONED if q is None else q[row] for q in self.q],
+        }
+        return state
+
+    def export_row(self, row: int) -> dict[str, Any]:
+        """One row's state as the reference stores it (fresh tensors, ``GG = Q B Qᵀ``)."""
+        state = self.row_state(row)
+        out: dict[str, Any] = {"step": self.host_step[row]}
+        out["exp_avg"] = state["exp_avg"].clone(memory_format=torch.contiguous_format)
+        out["exp_avg_sq"] = state["exp_avg_sq"].clone(memory_format=torch.contiguous_format)
+        out["Q"] = [reference.NOT_PRECONDITIONED if q is None else q[row].clone() for q in self.q]
+        out["GG"] = [
+            reference.NOT_PRECONDITIONED if q is None else q[row] @ s[row] @ q[row].T
+            for q, s in zip(self.q, self.stats)
+        ]
+        return out
+
+    def import_row(self, row: int, state: dict[str, Any]) -> None:
+        """Load one row from the reference's layout (already validated by the optimizer)."""
+        layout = self.layout
+        self.exp_avg[row].copy_(layout.to_work(state["exp_avg"].float()))
+        if self.second_moment == "adam":
+            self.exp_avg_sq[row].copy_(layout.to_work(state["exp_avg_sq"].float()))
+        else:
+            self.exp_avg_sq[row].copy_(state["exp_avg_sq"].float())
+        for q, s, q_in, gg_in in zip(self.q, self.stats, state["Q"], state["GG"]):
+            if q is None:
+                continue
+            q_row = q_in.float()
+            q[row].copy_(q_row)
+            s[row].copy_(q_row.T @ gg_in.float() @ q_row)
+        step = int(state["step"])
+        self.host_step[row] = step
+        self.step[row] = step
+        self.initialized[row] = True
+
+    # ----------------------------------------------------------------------------- the step
+    def initialize(self, rows: list[int], grads: list[Tensor], shampoo_beta: float) -> None:
+        """First step with a gradient: ``GG = (1-βs) g gᵀ``, ``Q = eigh(GG)``; no update.
+
+        Done per row with the reference's own functions (it happens once per parameter), so the
+        initial basis is the reference's bit for bit, null-space directions included.
+        """
+        layout = self.layout
+        for row, grad in zip(rows, grads):
+            grad_work = layout.to_work(grad.float())
+            for i, (q, s) in enumerate(zip(self.q, self.stats)):
+                if q is None:
+                    continue
+                gg = reference.gram(grad_work, i).mul_(1.0 - shampoo_beta)
+                basis = reference.eigenbasis(gg)
+                q[row].copy_(basis)
+                s[row].copy_(basis.T @ gg @ basis)
+            self.exp_avg[row].zero_()
+            self.exp_avg_sq[row].zero_()
+            self.step[row] = 0
+            self.host_step[row] = 0
+            self.initialized[row] = True
+
+    def update(self, rows: list[int], grads: list[Tensor], group: dict) -> None:
+        """Steps 3 and the statistics half of 4 of DESIGN §1 for ``rows`` (all initialised)."""
+        layout = self.layout
+        beta1, beta2 = group["betas"]
+        shampoo_beta = group["shampoo_beta"] if group["shampoo_beta"] >= 0 else beta2
+        full = len(rows) == len(self.params)
+        index = None if full else torch.tensor(rows, device=self.exp_avg.device)
+
+        def take(x: Tensor | None) -> Tensor | None:
+            return x if (x is None or full) else x.index_select(0, index)
+
+        grad = torch.stack([layout.to_work(g.float()) for g in grads])
+        exp_avg, exp_avg_sq = take(self.exp_avg), take(self.exp_avg_sq)
+        qs = [take(q) for q in self.q]
+        stats = [take(s) for s in self.stats]
+
+        if full:
+            self.step.add_(1)
+            step = self.step
+        else:
+            step = self.step.index_select(0, index).add_(1)
+            self.step.index_copy_(0, index, step)
+        for r in rows:
+            self.host_step[r] += 1
+
+        if self.second_moment == "adam":
+            rotated, direction = ops.rotate_in_adam(grad, qs, exp_avg, exp_avg_sq, beta1, beta2, group["eps"])
+        else:
+            rotated, direction = ops.rotate_in_adafactor(
+                grad, qs, exp_avg, exp_avg_sq, beta1, beta2, group["eps"]
+            )
+        update = ops.rotate_back(direction, qs)
+        extra = (1,) * (update.dim() - 1)
+        if group["normalize_grads"]:
+            rms = update.square().mean(dim=tuple(range(1, update.dim())), keepdim=True).sqrt_()
+            update.div_(rms.add_(1e-30))
+        step_size = torch.full_like(step, group["lr"])
+        if group["correct_bias"]:
+            step_size = step_size * torch.sqrt(1.0 - torch.pow(beta2, step)) / (1.0 - torch.pow(beta1, step))
+        update.mul_(step_size.view(-1, *extra))
+        decay = 1.0 - group["lr"] * group["weight_decay"] if group["weight_decay"] > 0 else None
+        _apply_update([self.params[r] for r in rows], [layout.from_work(u) for u in update.unbind(0)], decay)
+
+        ops.update_statistics(stats, rotated, shampoo_beta)
+        if not full:
+            self.exp_avg.index_copy_(0, index, exp_avg)
+            self.exp_avg_sq.index_copy_(0, index, exp_avg_sq)
+            for s_all, s in zip(self.stats, stats):
+                if s_all is not None:
+                    s_all.index_copy_(0, index, s)
+
+    def refresh(self, rows_per_dim: dict[int, list[int]]) -> None:
+        """Refresh factor ``i`` of the given rows (step 4 of DESIGN §1, in the rotated frame)."""
+        count = len(self.params)
+        self.refreshes += 1
+        reorthonormalize = self.refreshes % REORTHONORMALIZE_EVERY == 0
+        for dim, rows in rows_per_dim.items():
+            if not rows:
+                continue
+            full = len(rows) == count
+            index = None if full else torch.tensor(rows, device=self.exp_avg.device)
+            q = self.q[dim] if full else self.q[dim].index_select(0, index)
+            stats = self.stats[dim] if full else self.stats[dim].index_select(0, index)
+            perm, q_mix = ops.refresh_factor(stats, q)
+            if reorthonormalize:
+                ops.reorthonormalize_(q)
+            exp_avg = self.exp_avg if full else self.exp_avg.index_select(0, index)
+            exp_avg_sq = self.exp_avg_sq if full else self.exp_avg_sq.index_select(0, index)
+            new_exp_avg = ops.reexpress(exp_avg, dim, perm, q_mix)
+            new_exp_avg_sq = self._permute_second_moment(exp_avg_sq, dim, perm)
+            if full:
+                self.exp_avg.copy_(new_exp_avg)
+                self.exp_avg_sq.copy_(new_exp_avg_sq)
+            else:
+                self.q[dim].index_copy_(0, index, q)
+                self.stats[dim].index_copy_(0, index, stats)
+                self.exp_avg.index_copy_(0, index, new_exp_avg)
+                self.exp_avg_sq.index_copy_(0, index, new_exp_avg_sq)
+
+    def _permute_second_moment(self, exp_avg_sq: Tensor, dim: int, perm: Tensor) -> Tensor:
+        if self.second_moment == "adam":
+            return ops.permute_along(exp_avg_sq, dim, perm)
+        rows = self.layout.work_shape[0] if self.layout.work_shape else 1
+        row_acc, col_acc = exp_avg_sq[:, :rows], exp_avg_sq[:, rows:]
+        if dim == 0:
+            row_acc = row_acc.take_along_dim(perm, dim=1)
+        else:
+            cols = col_acc.reshape(col_acc.shape[0], *self.layout.work_shape[1:])
+            col_acc = ops.permute_along(cols, dim - 1, perm).reshape(col_acc.shape)
+        return torch.cat([row_acc, col_acc], dim=1)
+
+    def drift(self) -> Tensor:
+        """``||B_i − diag B_i||_F / ||B_i||_F`` per (factor dim, row): ``[factors, B]``."""
+        out = []
+        for s in self.stats:
+            if s is None:
+                continue
+            total = torch.linalg.matrix_norm(s)
+            off = torch.linalg.matrix_norm(s - torch.diag_embed(s.diagonal(dim1=-2, dim2=-1)))
+            out.append(off / total.clamp_min(torch.finfo(s.dtype).tiny))
+        if not out:
+            return torch.zeros(0, len(self.params), device=self.exp_avg.device)
+        return torch.stack(out)
+
+
+def _apply_update(params: Sequence[Tensor], updates: Sequence[Tensor], decay: float | None) -> None:
+    """``p ← (p − u)·decay`` in fp32, written back once in the parameter's dtype."""
+    if params[0].dtype == torch.float32:
+        torch._foreach_sub_(list(params), list(updates))
+        if decay is not None:
+            torch._foreach_mul_(list(params), decay)
+        return
+    for p, u in zip(params, updates):
+        p32 = p.float().sub_(u)
+        if decay is not None:
+            p32.mul_(decay)
+        p.copy_(p32)
+
+
+class BatchedEngine:
+    """Runs SOAP's step over buckets; owns the stacked state of the optimizer's parameters."""
+
+    def __init__(self, second_moment: str = "adam") -> None:
+        self.second_moment = second_moment
+        self.buckets: list[tuple[int, Bucket]] = []  # (group index, bucket)
+        self.where: dict[Tensor, tuple[Bucket, int]] = {}
+        self.signature: tuple | None = None
+
+    def build(self, param_groups: list[dict], layout_of: Callable[[Tensor, dict], Layout],
+              states: dict[Tensor, dict]) -> None:
+        """(Re)build buckets; ``states`` holds reference-layout state to import, by parameter."""
+        self.buckets = []
+        self.where = {}
+        for gi, group in enumerate(param_groups):
+            by_key: dict[tuple, list[Tensor]] = {}
+            for p in group["params"]:
+                layout = layout_of(p, group)
+                by_key.setdefault(bucket_key(p, layout), []).append(p)
+            for (layout, _, _), params in by_key.items():
+                bucket = Bucket(params, layout, self.second_moment)
+                for row, p in enumerate(params):
+                    self.where[p] = (bucket, row)
+                    if states.get(p):
+                        bucket.import_row(row, states[p])
+                self.buckets.append((gi, bucket))
+
+    def export_state(self) -> dict[Tensor, dict]:
+        out = {}
+        for _, bucket in self.buckets:
+            for row, p in enumerate(bucket.params):
+                if bucket.initialized[row]:
+                    out[p] = bucket.export_row(row)
+        return out
+
+    def live_state(self, p: Tensor) -> dict | None:
+        bucket, row = self.where[p]
+        return bucket.row_state(row) if bucket.initialized[row] else None
+
+    def step(self, param_groups: list[dict]) -> tuple[list[Tensor], list[tuple[Bucket, list[int]]]]:
+        """Initialise or update every parameter that has a gradient.
+
+        Returns the parameters initialised this step and, per bucket, the rows updated.
+        """
+        initialized: list[Tensor] = []
+        updated: list[tuple[Bucket, list[int]]] = []
+        for gi, bucket in self.buckets:
+            group = param_groups[gi]
+            rows_new, grads_new, rows_upd, grads_upd = [], [], [], []
+            for row, p in enumerate(bucket.params):
+                if p.grad is None:
+                    continue
+                if bucket.initialized[row]:
+                    rows_upd.append(row)
+                    grads_upd.append(p.grad)
+                else:
+                    rows_new.append(row)
+                    grads_new.append(p.grad)
+            if rows_upd:
+                bucket.update(rows_upd, grads_upd, group)
+                updated.append((bucket, rows_upd))
+            if rows_new:
+                beta2 = group["betas"][1]
+                bucket.initialize(rows_new, grads_new, group["shampoo_beta"] if group["shampoo_beta"] >= 0 else beta2)
+                initialized.extend(bucket.params[r] for r in rows_new)
+        return initialized, updated
+
+    def factors(self) -> list[tuple[Bucket, int, int]]:
+        """Every eigenbasis factor as (bucket, working dim, row), in a fixed order."""
+        return [(b, dim, row) for _, b in self.buckets for dim in b.factor_dims for row in range(len(b.params))]

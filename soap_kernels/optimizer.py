@@ -1,0 +1,493 @@
+"""``SOAP``: a ``torch.optim.Optimizer`` with the reference's keyword arguments and semantics.
+
+The optimizer maps param groups to a backend: ``reference`` (the literal per-parameter statement of
+DESIGN §1, :mod:`soap_kernels.reference`) or the batched engine (:mod:`soap_kernels.engine`, whose
+hot ops may run in Triton or native code). Whatever the backend, ``state_dict()`` holds per
+parameter the reference's state (``step``, ``exp_avg``, ``exp_avg_sq``, ``GG``, ``Q``) in the
+reference's frames, so a checkpoint saved with one backend loads into another.
+"""
+
+from __future__ import annotations
+
+import math
+import numbers
+from collections.abc import Callable, Iterable
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from . import ops, reference
+from .engine import BatchedEngine, Bucket
+from .reference import Layout
+from .schedules import RefreshSchedule
+
+__all__ = ["SOAP", "BACKENDS", "STATE_FORMAT"]
+
+BACKENDS = ("auto", "reference", "torch", "triton", "cuda")
+DATA_FORMATS = ("channels_first", "channels_last")
+SECOND_MOMENTS = ("adam", "adafactor")
+# Version of the state_dict layout; a newer one is refused with a clear message.
+STATE_FORMAT = 1
+
+
+def _check_hyperparameters(group: dict[str, Any], where: str = "") -> None:
+    """Raise ``ValueError`` for a hyperparameter SOAP cannot use (nothing is modified)."""
+    prefix = f"{where}: " if where else ""
+
+    def number(name: str) -> float:
+        value = group[name]
+        if isinstance(value, Tensor):
+            if value.numel() != 1:
+                raise ValueError(f"{prefix}{name} must be a number or a one-element tensor, got shape {tuple(value.shape)}")
+            value = value.item()
+        if isinstance(value, bool) or not isinstance(value, numbers.Real) or math.isnan(value):
+            raise ValueError(f"{prefix}{name} must be a real number, got {value!r}")
+        return float(value)
+
+    if number("lr") < 0.0:
+        raise ValueError(f"{prefix}Invalid learning rate: {group['lr']} (must be >= 0)")
+    if number("eps") < 0.0:
+        raise ValueError(f"{prefix}Invalid eps: {group['eps']} (must be >= 0)")
+    if number("weight_decay") < 0.0:
+        raise ValueError(f"{prefix}Invalid weight_decay: {group['weight_decay']} (must be >= 0)")
+    betas = group["betas"]
+    if not isinstance(betas, (tuple, list)) or len(betas) != 2:
+        raise ValueError(f"{prefix}betas must be a pair (beta1, beta2), got {betas!r}")
+    for i, beta in enumerate(betas):
+        if isinstance(beta, bool) or not isinstance(beta, numbers.Real) or not 0.0 <= beta < 1.0:
+            raise ValueError(f"{prefix}Invalid beta parameter at index {i}: {beta!r} (must be in [0, 1))")
+    shampoo_beta = number("shampoo_beta")
+    if shampoo_beta >= 1.0:
+        raise ValueError(f"{prefix}Invalid shampoo_beta: {shampoo_beta} (must be < 1; negative means betas[1])")
+    for name in ("precondition_frequency", "max_precond_dim"):
+        value = group[name]
+        if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 1:
+            raise ValueError(f"{prefix}Invalid {name}: {value!r} (must be an integer >= 1)")
+    for name in ("merge_dims", "precondition_1d", "normalize_grads", "correct_bias"):
+        if not isinstance(group[name], bool):
+            raise ValueError(f"{prefix}{name} must be True or False, got {group[name]!r}")
+
+
+def _resolve_backend(backend: str) -> str:
+    if backend not in BACKENDS:
+        raise ValueError(f"Unknown backend {backend!r}; choose one of {', '.join(BACKENDS)}")
+    if backend == "auto":
+        return "torch"
+    if backend in ("triton", "cuda"):
+        ok, reason = ops.backend_available(backend)
+        if not ok:
+            raise RuntimeError(f"backend={backend!r} cannot run here: {reason}. Use backend='auto' or 'torch'.")
+    return backend
+
+
+class SOAP(torch.optim.Optimizer):
+    """SOAP: Shampoo with Adam in the preconditioner's eigenbasis (Vyas et al., 2024).
+
+    Args (the reference's names, defaults and meaning):
+        params: parameters or param groups.
+        lr: learning rate.
+        betas: Adam's ``(beta1, beta2)`` in the eigenbasis.
+        shampoo_beta: EMA factor of the Shampoo statistics; negative means ``betas[1]``.
+        eps: added to ``sqrt(exp_avg_sq)``.
+        weight_decay: decoupled weight decay, applied to the parameter after the update.
+        precondition_frequency: refresh the eigenbasis every this many updates.
+        max_precond_dim: dims larger than this are not preconditioned.
+        merge_dims: merge consecutive dims while their product stays ``<= max_precond_dim``.
+        precondition_1d: precondition 1-D parameters too.
+        normalize_grads: divide the update by its RMS.
+        data_format: ``"channels_first"`` or ``"channels_last"`` (4-D tensors with ``merge_dims``).
+        correct_bias: Adam's bias correction.
+
+    Keyword-only:
+        backend: ``"auto"`` (fastest available), ``"reference"``, ``"torch"``, ``"triton"``, ``"cuda"``.
+        schedule: a :class:`~soap_kernels.schedules.RefreshSchedule`; ``None`` refreshes every
+            ``precondition_frequency`` updates of each parameter, as the reference does.
+        second_moment: ``"adam"`` (SOAP) or ``"adafactor"`` (Shampoo with exponent 1/2, by the
+            paper's equivalence).
+    """
+
+    def __init__(
+        self,
+        params: Iterable[Tensor] | Iterable[dict[str, Any]],
+        lr: float = 3e-3,
+        betas: tuple[float, float] = (0.95, 0.95),
+        shampoo_beta: float = -1,
+        eps: float = 1e-8,
+        weight_decay: float = 0.01,
+        precondition_frequency: int = 10,
+        max_precond_dim: int = 10000,
+        merge_dims: bool = False,
+        precondition_1d: bool = False,
+        normalize_grads: bool = False,
+        data_format: str = "channels_first",
+        correct_bias: bool = True,
+        *,
+        backend: str = "auto",
+        schedule: RefreshSchedule | None = None,
+        second_moment: str = "adam",
+    ) -> None:
+        defaults = {
+            "lr": lr,
+            "betas": tuple(betas) if isinstance(betas, list) else betas,
+            "shampoo_beta": shampoo_beta,
+            "eps": eps,
+            "weight_decay": weight_decay,
+            "precondition_frequency": precondition_frequency,
+            "max_precond_dim": max_precond_dim,
+            "merge_dims": merge_dims,
+            "precondition_1d": precondition_1d,
+            "normalize_grads": normalize_grads,
+            "correct_bias": correct_bias,
+        }
+        _check_hyperparameters(defaults)
+        if data_format not in DATA_FORMATS:
+            raise ValueError(f"Unknown data_format {data_format!r}; choose one of {', '.join(DATA_FORMATS)}")
+        if second_moment not in SECOND_MOMENTS:
+            raise ValueError(f"Unknown second_moment {second_moment!r}; choose one of {', '.join(SECOND_MOMENTS)}")
+        if schedule is not None and not isinstance(schedule, RefreshSchedule):
+            raise ValueError(f"schedule must be a soap_kernels.schedules.RefreshSchedule or None, got {schedule!r}")
+        self.backend = _resolve_backend(backend)
+        self.data_format = data_format
+        self.second_moment = second_moment
+        self.schedule = schedule
+        self._updates = 0  # optimizer-wide update count: the schedule's t
+        self._engine = None if self.backend == "reference" else BatchedEngine(second_moment)
+        self._signature: tuple | None = None
+        super().__init__(params, defaults)
+        for group in self.param_groups:
+            for p in group["params"]:
+                if p.is_complex():
+                    raise ValueError("SOAP does not support complex parameters; view them as real (torch.view_as_real)")
+
+    # ------------------------------------------------------------------------------ groups
+    def add_param_group(self, param_group: dict[str, Any]) -> None:
+        super().add_param_group(param_group)
+        group = self.param_groups[-1]
+        try:
+            _check_hyperparameters(group, f"param group {len(self.param_groups) - 1}")
+        except ValueError:
+            self.param_groups.pop()
+            raise
+
+    def layout_of(self, p: Tensor, group: dict[str, Any]) -> Layout:
+        """How the preconditioner sees ``p`` under ``group``'s hyperparameters."""
+        return reference.make_layout(
+            p.shape,
+            max_precond_dim=group["max_precond_dim"],
+            merge_dims=group["merge_dims"],
+            precondition_1d=group["precondition_1d"],
+            channels_last=self.data_format == "channels_last",
+        )
+
+    def _group_signature(self) -> tuple:
+        return tuple(
+            (id(g), len(g["params"]), g["max_precond_dim"], g["merge_dims"], g["precondition_1d"])
+            for g in self.param_groups
+        )
+
+    def _ensure_engine(self) -> None:
+        signature = self._group_signature()
+        if signature == self._signature:
+            return
+        states = self._engine.export_state() if self._engine.buckets else {}
+        for p, state in self.state.items():  # state loaded into self.state by load_state_dict
+            if p not in states and "GG" in state:
+                states[p] = state
+        self._engine.build(self.param_groups, self.layout_of, states)
+        self._signature = signature
+        self._publish_live_state()
+
+    def _publish_live_state(self) -> None:
+        """``self.state[p]`` shows the engine's state as live views under the reference's names."""
+        self.state.clear()
+        for p in self._engine.where:
+            live = self._engine.live_state(p)
+            if live is not None:
+                self.state[p] = live
+
+    # ------------------------------------------------------------------------------ step
+    def _check_before_step(self) -> None:
+        """Every check that can reject a step, done before anything is modified."""
+        for gi, group in enumerate(self.param_groups):
+            _check_hyperparameters(group, f"param group {gi}")
+            for p in group["params"]:
+                grad = p.grad
+                if grad is None:
+                    continue
+                if grad.is_sparse:
+                    raise ValueError("SOAP does not support sparse gradients; use dense gradients (e.g. sparse=False in nn.Embedding)")
+                if grad.is_complex():
+                    raise ValueError("SOAP does not support complex gradients")
+                if grad.shape != p.shape:
+                    raise ValueError(f"gradient of shape {tuple(grad.shape)} does not match its parameter of shape {tuple(p.shape)}")
+                if grad.device != p.device:
+                    raise ValueError(f"gradient on {grad.device} but parameter on {p.device}")
+
+    @torch.no_grad()
+    def step(self, closure: Callable[[], Any] | None = None, *, loss: Any = None) -> Any:
+        """One optimizer step. ``closure`` re-evaluates the model and returns the loss; ``loss``
+        passes an already computed loss (used by loss-driven refresh schedules)."""
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        self._check_before_step()
+        loss_value = None
+        if self.schedule is not None and self.schedule.needs_loss:
+            if loss is None:
+                raise ValueError(
+                    f"{type(self.schedule).__name__} needs the loss: call step(closure) or step(loss=...)"
+                )
+            try:
+                loss_value = float(loss)
+            except (TypeError, ValueError, RuntimeError) as err:
+                raise ValueError(f"the loss must be a number or a one-element tensor, got {type(loss).__name__}") from err
+        if self.backend == "reference":
+            self._reference_step(loss_value)
+        else:
+            self._engine_step(loss_value)
+        return loss
+
+    def _reference_step(self, loss_value: float | None) -> None:
+        updated: list[tuple[Tensor, dict, Layout]] = []
+        for group in self.param_groups:
+            for p in group["params"]:
+                if p.grad is None:
+                    continue
+                layout = self.layout_of(p, group)
+                state = self.state[p]
+                if "Q" not in state:
+                    state.update(reference.init_state(p.grad, layout, group, self.second_moment))
+                    continue
+                refresh = None if self.schedule is None else False
+                reference.update_param(p, p.grad, state, layout, group, refresh, self.second_moment)
+                updated.append((p, state, layout))
+        if self.schedule is None or not updated:
+            return
+        self._updates += 1
+        factors = [(p, state, layout, i) for p, state, layout in self._all_reference_factors()
+                   for i in range(len(layout.preconditioned)) if layout.preconditioned[i]]
+        drift = cost = None
+        if self.schedule.needs_drift:
+            drift = torch.tensor([reference.drift(state, i) for _, state, _, i in factors], dtype=torch.float64)
+            cost = torch.tensor([_refresh_cost(layout, i) for _, _, layout, i in factors], dtype=torch.float64)
+        decision = self.schedule.decide(self._updates, loss=loss_value, drift=drift, cost=cost)
+        chosen: dict[int, tuple[dict, Layout, set[int]]] = {}
+        updated_ids = {id(p) for p, _, _ in updated}
+        for k, (p, state, layout, i) in enumerate(factors):
+            if id(p) in updated_ids and _selected(decision, k):
+                chosen.setdefault(id(p), (state, layout, set()))[2].add(i)
+        for state, layout, dims in chosen.values():
+            reference.refresh_param(state, layout, dims, self.second_moment)
+
+    def _all_reference_factors(self):
+        for group in self.param_groups:
+            for p in group["params"]:
+                state = self.state.get(p)
+                if state and "Q" in state:
+                    yield p, state, self.layout_of(p, group)
+
+    def _engine_step(self, loss_value: float | None) -> None:
+        self._ensure_engine()
+        initialized, updated = self._engine.step(self.param_groups)
+        if updated:
+            if self.schedule is None:
+                self._refresh_by_frequency(updated)
+            else:
+                self._updates += 1
+                self._refresh_by_schedule(updated, loss_value)
+        if initialized:
+            for p in initialized:
+                self.state[p] = self._engine.live_state(p)
+
+    def _refresh_by_frequency(self, updated: list[tuple[Bucket, list[int]]]) -> None:
+        for bucket, rows in updated:
+            group = self.param_groups[self._group_index(bucket)]
+            due = [r for r in rows if bucket.host_step[r] % group["precondition_frequency"] == 0]
+            if due:
+                bucket.refresh({dim: due for dim in bucket.factor_dims})
+
+    def _group_index(self, bucket: Bucket) -> int:
+        for gi, b in self._engine.buckets:
+            if b is bucket:
+                return gi
+        raise KeyError("bucket not found")
+
+    def _canonical_factors(self) -> list[tuple[Bucket, int, int]]:
+        """Every factor as (bucket, working dim, row), in (group, parameter, dim) order."""
+        out = []
+        for group in self.param_groups:
+            for p in group["params"]:
+                bucket, row = self._engine.where[p]
+                out.extend((bucket, dim, row) for dim in bucket.factor_dims)
+        return out
+
+    def _refresh_by_schedule(self, updated: list[tuple[Bucket, list[int]]], loss_value: float | None) -> None:
+        factors = self._canonical_factors()
+        drift = cost = None
+        if self.schedule.needs_drift:
+            per_bucket = {id(b): b.drift().cpu() for _, b in self._engine.buckets}
+            drift = torch.tensor(
+                [float(per_bucket[id(b)][b.factor_dims.index(dim), row]) for b, dim, row in factors],
+                dtype=torch.float64,
+            )
+            cost = torch.tensor([_refresh_cost(b.layout, dim) for b, dim, _ in factors], dtype=torch.float64)
+        decision = self.schedule.decide(self._updates, loss=loss_value, drift=drift, cost=cost)
+        if decision is False:
+            return
+        updated_rows = {id(b): set(rows) for b, rows in updated}
+        plan: dict[int, tuple[Bucket, dict[int, list[int]]]] = {}
+        for k, (bucket, dim, row) in enumerate(factors):
+            if row in updated_rows.get(id(bucket), ()) and _selected(decision, k):
+                plan.setdefault(id(bucket), (bucket, {}))[1].setdefault(dim, []).append(row)
+        for bucket, rows_per_dim in plan.values():
+            bucket.refresh(rows_per_dim)
+
+    # ------------------------------------------------------------------------------ checkpoints
+    def _reference_layout_state(self) -> dict[Tensor, dict]:
+        if self.backend == "reference":
+            return {p: s for p, s in self.state.items() if "Q" in s}
+        if self._signature is None:  # no step yet: whatever load_state_dict put there
+            return {p: s for p, s in self.state.items() if "GG" in s}
+        return self._engine.export_state()
+
+    def state_dict(self) -> dict[str, Any]:
+        """The reference's per-parameter state (``step``, ``exp_avg``, ``exp_avg_sq``, ``GG``,
+        ``Q``), whatever the backend, plus the param groups and the schedule's state."""
+        states = self._reference_layout_state()
+        index: dict[int, int] = {}
+        groups = []
+        for group in self.param_groups:
+            packed = {k: v for k, v in group.items() if k != "params"}
+            packed["params"] = []
+            for p in group["params"]:
+                index.setdefault(id(p), len(index))
+                packed["params"].append(index[id(p)])
+            groups.append(packed)
+        by_id = {id(p): p for g in self.param_groups for p in g["params"]}
+        state = {index[pid]: _copy_state(states[p]) for pid, p in by_id.items() if p in states}
+        return {
+            "state": state,
+            "param_groups": groups,
+            "format": STATE_FORMAT,
+            "second_moment": self.second_moment,
+            "data_format": self.data_format,
+            "updates": self._updates,
+            "schedule": None if self.schedule is None else self.schedule.state_dict(),
+        }
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """Load a checkpoint of any backend. Everything is validated before anything changes."""
+        if not isinstance(state_dict, dict) or "state" not in state_dict or "param_groups" not in state_dict:
+            raise ValueError("not an optimizer state_dict: expected a dict with 'state' and 'param_groups'")
+        version = state_dict.get("format", STATE_FORMAT)
+        if not isinstance(version, int) or version > STATE_FORMAT:
+            raise ValueError(f"state_dict format {version!r} is newer than this soap_kernels (format {STATE_FORMAT}); upgrade soap_kernels")
+        saved_second = state_dict.get("second_moment", "adam")
+        if saved_second != self.second_moment:
+            raise ValueError(f"state_dict was saved with second_moment={saved_second!r}, this optimizer uses {self.second_moment!r}")
+        saved_groups = state_dict["param_groups"]
+        if len(saved_groups) != len(self.param_groups):
+            raise ValueError(f"state_dict has {len(saved_groups)} param groups, the optimizer has {len(self.param_groups)}")
+        new_groups = []
+        params_by_index: dict[int, tuple[Tensor, dict]] = {}
+        for gi, (ours, saved) in enumerate(zip(self.param_groups, saved_groups)):
+            if len(saved["params"]) != len(ours["params"]):
+                raise ValueError(f"param group {gi}: state_dict has {len(saved['params'])} parameters, the optimizer has {len(ours['params'])}")
+            group = {**ours, **{k: v for k, v in saved.items() if k != "params"}}
+            group["params"] = ours["params"]
+            if isinstance(group.get("betas"), list):
+                group["betas"] = tuple(group["betas"])
+            _check_hyperparameters(group, f"state_dict param group {gi}")
+            new_groups.append(group)
+            for idx, p in zip(saved["params"], ours["params"]):
+                params_by_index[idx] = (p, group)
+        loaded: dict[Tensor, dict] = {}
+        for idx, saved_state in state_dict["state"].items():
+            if idx not in params_by_index:
+                raise ValueError(f"state_dict has state for parameter {idx}, which no param group lists")
+            p, group = params_by_index[idx]
+            loaded[p] = self._validated_state(p, group, saved_state, idx)
+        # Everything fits: now modify.
+        for ours, new in zip(self.param_groups, new_groups):
+            ours.clear()
+            ours.update(new)
+        self._updates = int(state_dict.get("updates", 0))
+        if self.schedule is not None and state_dict.get("schedule") is not None:
+            self.schedule.load_state_dict(state_dict["schedule"])
+        self.state.clear()
+        for p, s in loaded.items():
+            self.state[p] = s
+        if self._engine is not None:
+            self._engine.buckets = []
+            self._engine.where = {}
+            self._signature = None
+            self._ensure_engine()
+
+    def _validated_state(self, p: Tensor, group: dict, saved: Any, idx: int) -> dict:
+        where = f"state of parameter {idx} (shape {tuple(p.shape)})"
+        if not isinstance(saved, dict):
+            raise ValueError(f"{where}: expected a dict, got {type(saved).__name__}")
+        missing = {"step", "exp_avg", "exp_avg_sq", "GG", "Q"} - saved.keys()
+        if missing:
+            raise ValueError(f"{where}: missing {sorted(missing)}; was it saved by SOAP?")
+        layout = self.layout_of(p, group)
+        step = saved["step"]
+        step = int(step.item()) if isinstance(step, Tensor) else step
+        if isinstance(step, bool) or not isinstance(step, numbers.Integral) or step < 0:
+            raise ValueError(f"{where}: step must be a non-negative integer, got {saved['step']!r}")
+
+        def tensor(name: str, value: Any, shape: tuple) -> Tensor:
+            if not isinstance(value, Tensor):
+                raise ValueError(f"{where}: {name} must be a tensor, got {type(value).__name__}")
+            if tuple(value.shape) != tuple(shape):
+                raise ValueError(f"{where}: {name} has shape {tuple(value.shape)}, expected {tuple(shape)} (a state_dict from another model?)")
+            if not torch.isfinite(value).all():
+                raise ValueError(f"{where}: {name} holds non-finite values")
+            return value.detach().to(device=p.device, dtype=torch.float32).clone()
+
+        out: dict[str, Any] = {"step": int(step)}
+        out["exp_avg"] = tensor("exp_avg", saved["exp_avg"], p.shape)
+        if self.second_moment == "adam":
+            out["exp_avg_sq"] = tensor("exp_avg_sq", saved["exp_avg_sq"], p.shape)
+        else:
+            out["exp_avg_sq"] = tensor("exp_avg_sq", saved["exp_avg_sq"], (reference._adafactor_numel(layout),))
+        for name in ("GG", "Q"):
+            factors = saved[name]
+            if not isinstance(factors, (list, tuple)) or len(factors) != len(layout.preconditioned):
+                raise ValueError(f"{where}: {name} must list {len(layout.preconditioned)} factors for working shape {layout.work_shape}")
+            converted = []
+            for i, (f, d, pre) in enumerate(zip(factors, layout.work_shape, layout.preconditioned)):
+                if not pre:
+                    if isinstance(f, Tensor) and f.numel() > 0 or (not isinstance(f, Tensor) and len(f) > 0):
+                        raise ValueError(f"{where}: {name}[{i}] should be empty (dim {i} is not preconditioned)")
+                    converted.append(reference.NOT_PRECONDITIONED)
+                else:
+                    converted.append(tensor(f"{name}[{i}]", f, (d, d)))
+            out[name] = converted
+        return out
+
+
+def _copy_state(state: dict) -> dict:
+    out = {}
+    for k, v in state.items():
+        if isinstance(v, Tensor):
+            out[k] = v.detach().clone(memory_format=torch.contiguous_format)
+        elif isinstance(v, list):
+            out[k] = [x.detach().clone() if isinstance(x, Tensor) else x for x in v]
+        else:
+            out[k] = v
+    if isinstance(out.get("step"), Tensor):
+        out["step"] = int(out["step"].item())
+    return out
+
+
+def _selected(decision: bool | Tensor, k: int) -> bool:
+    if isinstance(decision, bool):
+        return decision
+    return bool(decision[k])
+
+
+def _refresh_cost(layout: Layout, dim: int) -> float:
+    flags = [i == dim for i in range(len(layout.preconditioned))]
+    return float(ops.FLOPS.refresh(layout.work_shape, flags))
