@@ -265,11 +265,11 @@ class SOAP(torch.optim.Optimizer):
         if self.schedule is None or not updated:
             return
         self._updates += 1
-        factors = [(p, state, layout, i) for p, state, layout in self._all_reference_factors()
-                   for i in range(len(layout.preconditioned)) if layout.preconditioned[i]]
+        factors = list(self._reference_factors())
         drift = cost = None
         if self.schedule.needs_drift:
-            drift = torch.tensor([reference.drift(state, i) for _, state, _, i in factors], dtype=torch.float64)
+            drift = torch.tensor([reference.drift(state, i) if "Q" in state else 0.0 for _, state, _, i in factors],
+                                 dtype=torch.float64)
             cost = torch.tensor([_refresh_cost(layout, i) for _, _, layout, i in factors], dtype=torch.float64)
         decision = self.schedule.decide(self._updates, loss=loss_value, drift=drift, cost=cost)
         chosen: dict[int, tuple[dict, Layout, set[int]]] = {}
@@ -280,12 +280,16 @@ class SOAP(torch.optim.Optimizer):
         for state, layout, dims in chosen.values():
             reference.refresh_param(state, layout, dims, self.second_moment)
 
-    def _all_reference_factors(self):
+    def _reference_factors(self):
+        """Every factor as (param, state, layout, working dim), in (group, parameter, dim) order,
+        the same order as the engine's, whether or not the parameter has state yet."""
         for group in self.param_groups:
             for p in group["params"]:
-                state = self.state.get(p)
-                if state and "Q" in state:
-                    yield p, state, self.layout_of(p, group)
+                layout = self.layout_of(p, group)
+                state = self.state.get(p, {})
+                for i, pre in enumerate(layout.preconditioned):
+                    if pre:
+                        yield p, state, layout, i
 
     def _engine_step(self, loss_value: float | None) -> None:
         self._ensure_engine()
@@ -465,6 +469,15 @@ class SOAP(torch.optim.Optimizer):
                 else:
                     converted.append(tensor(f"{name}[{i}]", f, (d, d)))
             out[name] = converted
+        # The batched engine's private extras, when the checkpoint came from it.
+        extras = saved.get("GG_eigenbasis")
+        if self._engine is not None and isinstance(extras, (list, tuple)) and len(extras) == len(layout.preconditioned):
+            out["GG_eigenbasis"] = [
+                tensor(f"GG_eigenbasis[{i}]", f, (d, d)) if pre else reference.NOT_PRECONDITIONED
+                for i, (f, d, pre) in enumerate(zip(saved["GG_eigenbasis"], layout.work_shape, layout.preconditioned))
+            ]
+            counts = saved.get("Q_refreshes", [0] * len(layout.preconditioned))
+            out["Q_refreshes"] = [int(c) for c in counts]
         return out
 
 

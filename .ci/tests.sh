@@ -1,0 +1,13 @@
+#!/usr/bin/env bash
+# The whole test suite, as `make test` and CI run it.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+export PYTHONHASHSEED=0
+# Triton kernels run on CPU tensors through the interpreter when there is no GPU.
+if ! python -c "import torch, sys; sys.exit(0 if torch.cuda.is_available() else 1)" 2>/dev/null; then
+    export TRITON_INTERPRET=1
+fi
+if [ -x .ci/compile_cuda.sh ]; then
+    bash .ci/compile_cuda.sh
+fi
+python -m pytest -q -p no:cacheprovider tests "$@"

@@ -1,0 +1,126 @@
+"""The batched torch engine in lockstep with the reference, over runs that cross several refreshes."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from conftest import assert_lockstep, clone_params, make_params, run_lockstep
+
+from soap_kernels import SOAP
+
+STEPS = 35  # with precondition_frequency=10: refreshes at 10, 20 and 30
+
+# (id, shapes, extra SOAP kwargs)
+CASES = [
+    ("square", [(16, 16)], {}),
+    ("tall", [(24, 10)], {}),
+    ("wide", [(10, 24)], {}),
+    ("prime", [(13, 7)], {}),
+    ("size-one", [(1, 9), (9, 1)], {}),
+    ("above-max-dim", [(40, 8), (8, 40)], {"max_precond_dim": 32}),
+    ("1d", [(11,)], {}),
+    ("1d-preconditioned", [(11,)], {"precondition_1d": True}),
+    ("1d-above-max", [(40,)], {"precondition_1d": True, "max_precond_dim": 32}),
+    ("0d", [()], {}),
+    ("0d-merge", [()], {"merge_dims": True}),
+    ("3d", [(6, 5, 3)], {}),
+    ("conv", [(6, 4, 3, 3)], {}),
+    ("conv-merge", [(6, 4, 3, 3)], {"merge_dims": True, "max_precond_dim": 16}),
+    ("conv-merge-channels-last", [(6, 3, 3, 4)], {"merge_dims": True, "max_precond_dim": 16, "data_format": "channels_last"}),
+    ("bucket-of-four", [(8, 12)] * 4, {}),
+    ("normalize-grads", [(12, 9), (7,)], {"normalize_grads": True}),
+    ("no-bias-correction", [(12, 9)], {"correct_bias": False}),
+    ("no-weight-decay", [(12, 9)], {"weight_decay": 0.0}),
+    ("shampoo-beta", [(12, 9)], {"shampoo_beta": 0.9}),
+    ("mixed-model", [(16, 8), (8,), (8, 16), (16, 8), ()], {"precondition_frequency": 7}),
+]
+
+
+@pytest.mark.parametrize("shapes,kwargs", [c[1:] for c in CASES], ids=[c[0] for c in CASES])
+def test_torch_matches_reference(shapes, kwargs):
+    params = make_params(shapes)
+    opts = {"lr": 3e-2, "precondition_frequency": 10, **kwargs}
+    ref, eng = run_lockstep(params, clone_params(params), shapes, STEPS, opts)
+    assert ref.state_dict()["state"][0]["step"] == STEPS - 1
+    assert_lockstep(ref, eng)
+
+
+def test_parameters_without_gradient_some_steps():
+    """Rows of a bucket with no gradient are left alone (and do not count a step)."""
+    shapes = [(8, 12)] * 3 + [(5,)]
+    params = make_params(shapes)
+
+    def skip(t, i):
+        return (i == 1 and t % 3 == 0) or (i == 2 and t < 4) or (i == 3 and t % 2 == 1)
+
+    ref, eng = run_lockstep(params, clone_params(params), shapes, STEPS, {"lr": 3e-2, "precondition_frequency": 5},
+                            skip=skip)
+    steps = [ref.state_dict()["state"][i]["step"] for i in range(4)]
+    assert len(set(steps)) > 1, "the parameters should have different step counts"
+    assert_lockstep(ref, eng)
+
+
+def test_two_groups_with_different_hyperparameters():
+    shapes = [(10, 6), (10, 6), (6,)]
+    params = make_params(shapes)
+    other = clone_params(params)
+
+    def groups(ps):
+        return [
+            {"params": ps[:1], "lr": 1e-2, "betas": (0.9, 0.99), "precondition_frequency": 4},
+            {"params": ps[1:], "lr": 3e-2, "weight_decay": 0.1, "shampoo_beta": 0.8},
+        ]
+
+    ref, eng = run_lockstep(groups(params), groups(other), shapes, STEPS, {"precondition_frequency": 10})
+    assert_lockstep(ref, eng)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
+def test_low_precision_parameters(dtype):
+    shapes = [(12, 8), (8,)]
+    params = make_params(shapes, dtype=dtype)
+    ref, eng = run_lockstep(params, clone_params(params), shapes, STEPS, {"lr": 3e-2})
+    for p in [*ref.param_groups[0]["params"], *eng.param_groups[0]["params"]]:
+        assert p.dtype == dtype
+    for s in eng.state_dict()["state"].values():
+        assert s["exp_avg"].dtype == torch.float32
+    assert_lockstep(ref, eng, dtype)
+
+
+def test_adafactor_mode_matches_reference():
+    shapes = [(12, 9), (6, 4, 3), (7,)]
+    params = make_params(shapes)
+    ref, eng = run_lockstep(params, clone_params(params), shapes, STEPS,
+                            {"lr": 3e-2, "second_moment": "adafactor", "precondition_1d": True})
+    assert_lockstep(ref, eng)
+
+
+def test_rotated_statistics_give_eigenvalues_and_drift():
+    """diag(B) are the eigenvalue estimates; the drift is zero right after an exact basis."""
+    p = make_params([(10, 6)])
+    opt = SOAP(p, backend="torch", precondition_frequency=1000)
+    p[0].grad = torch.randn(10, 6)
+    opt.step()
+    bucket = opt._engine.buckets[0][1]
+    drift = bucket.drift()
+    print("drift after eigh:", drift)
+    assert drift.max() < 1e-5
+    gg = opt.state_dict()["state"][0]["GG"][0]
+    expected = torch.linalg.eigvalsh(gg).flip(0)
+    assert torch.allclose(bucket.stats[0][0].diagonal(), expected, rtol=1e-4, atol=1e-6)
+    for _ in range(3):
+        p[0].grad = torch.randn(10, 6)
+        opt.step()
+    assert bucket.drift().min() > 1e-3, "new gradients rotate the statistics away from the basis"
+
+
+def test_basis_stays_orthonormal_over_many_refreshes():
+    p = make_params([(12, 20)])
+    opt = SOAP(p, backend="torch", precondition_frequency=1, lr=1e-3)
+    for _ in range(60):
+        p[0].grad = torch.randn(12, 20)
+        opt.step()
+    for q in opt.state[p[0]]["Q"]:
+        err = (q.T @ q - torch.eye(q.shape[0])).abs().max().item()
+        print("||QᵀQ − I||_max =", err)
+        assert err < 1e-5
