@@ -1,0 +1,400 @@
+"""Train a small GPT on real text with AdamW, SOAP and Shampoo and compare them.
+
+Every optimizer sees the same model initialisation, the same batches in the same order, the same
+batch size, token budget and LR schedule (linear warm-up, cosine decay); only the optimizer and its
+learning rate differ. For each (optimizer, lr, seed) the program records the training loss of
+every step, the validation loss at every evaluation, the training wall-clock, the time spent
+inside ``optimizer.step()``, peak memory and the optimizer-state bytes. It then picks each
+optimizer's best LR (lowest final validation loss, mean over seeds) and reports the steps and the
+wall-clock each needs to reach AdamW's final validation loss, with the ratios to AdamW.
+
+    python python/train_lm.py                        # the default comparison (CPU, <= 10 min)
+    python python/train_lm.py --preset tiny --optimizers adamw
+    python python/train_lm.py --preset gpu --device cuda --bf16 \\
+        --lr-grid adamw=1e-3,2e-3,4e-3 soap=1.5e-3,3e-3,6e-3 --seeds 0,1
+
+Optimizers: ``adamw`` (torch.optim.AdamW), ``soap`` (soap_kernels.SOAP) and ``shampoo``
+(soap_kernels.SOAP with ``second_moment="adafactor"``: Shampoo with exponent 1/2 in the SOAP
+engine). Writes ``results.json`` and ``loss_curves.png`` into ``--out``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import math
+import os
+import platform
+import resource
+import sys
+import time
+from pathlib import Path
+
+import torch
+from torch.optim.lr_scheduler import LambdaLR
+from tqdm import tqdm
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))  # the lm package next to this file
+sys.path.append(str(HERE.parent))  # soap_kernels from this checkout when it is not installed
+
+from lm import GPT, PRESETS, CharCorpus, GPTConfig, load_text  # noqa: E402
+from lm.data import DEFAULT_CORPUS  # noqa: E402
+from lm.report import format_table, plot_curves, summarize  # noqa: E402
+
+OPTIMIZERS = ("adamw", "soap", "shampoo")
+
+
+# ---------------------------------------------------------------------------------------- options
+def parse_floats(text: str) -> list[float]:
+    return [float(x) for x in text.split(",") if x.strip()]
+
+
+def parse_lr_grid(items: list[str]) -> dict[str, list[float]]:
+    """``["adamw=1e-3,3e-3", "soap=3e-3"]`` -> ``{"adamw": [1e-3, 3e-3], "soap": [3e-3]}``."""
+    grid: dict[str, list[float]] = {}
+    for item in items:
+        name, sep, values = item.partition("=")
+        name = name.strip()
+        if not sep or name not in OPTIMIZERS or not values.strip():
+            raise argparse.ArgumentTypeError(f"--lr-grid item {item!r}: expected NAME=LR[,LR...], NAME in {OPTIMIZERS}")
+        grid[name] = parse_floats(values)
+    return grid
+
+
+def build_parser() -> argparse.ArgumentParser:
+    presets = "; ".join(f"{k}: {v.description}" for k, v in PRESETS.items())
+    p = argparse.ArgumentParser(prog="train_lm.py", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--preset", choices=sorted(PRESETS), default="cpu", help=f"model and budget ({presets})")
+    p.add_argument("--optimizers", default=",".join(OPTIMIZERS), help="comma list from %(default)s")
+    p.add_argument(
+        "--lr-grid",
+        nargs="+",
+        default=[],
+        metavar="NAME=LR[,LR...]",
+        help="per-optimizer learning rates to try, e.g. adamw=1e-3,3e-3 soap=3e-3,1e-2 "
+        "(an optimizer left out uses the preset's tuned LR)",
+    )
+    p.add_argument("--seeds", default="0", help="comma list of seeds (model init and data order)")
+    p.add_argument("--steps", type=int, help="optimizer steps per run (preset's if omitted)")
+    p.add_argument("--batch-size", type=int, help="sequences per step (preset's if omitted)")
+    p.add_argument("--ctx", type=int, help="context length in characters (preset's if omitted)")
+    p.add_argument("--eval-every", type=int, help="steps between validation evaluations (preset's if omitted)")
+    p.add_argument("--eval-batches", type=int, help="validation batches per evaluation (preset's if omitted)")
+    p.add_argument("--warmup-steps", type=int, help="linear LR warm-up steps (default: 10%% of --steps)")
+    p.add_argument("--min-lr-ratio", type=float, default=0.1, help="cosine decays to this fraction of the LR")
+    p.add_argument("--weight-decay", type=float, default=0.1, help="decoupled, on matrices only (all optimizers)")
+    p.add_argument("--betas", default="0.95,0.95", help="(beta1, beta2) for every optimizer (SOAP's default)")
+    p.add_argument("--eps", type=float, default=1e-8)
+    p.add_argument("--precondition-frequency", type=int, default=10, help="SOAP/Shampoo eigenbasis refresh")
+    p.add_argument("--soap-backend", default="auto", help="soap_kernels backend for soap and shampoo")
+    p.add_argument("--corpus", type=Path, default=DEFAULT_CORPUS, help="UTF-8 text file, may be .xz or .gz")
+    p.add_argument("--val-fraction", type=float, default=0.1, help="held-out tail of the corpus")
+    p.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
+    p.add_argument("--bf16", action="store_true", help="bf16 autocast for the model (not the optimizer)")
+    p.add_argument("--threads", type=int, help="torch CPU threads (torch's default if omitted)")
+    p.add_argument("--out", type=Path, help="output folder (default runs/lm-<timestamp>)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bars")
+    return p
+
+
+def resolve_config(args: argparse.Namespace) -> dict:
+    """The effective settings of this invocation: the preset with the command line's overrides."""
+    preset = PRESETS[args.preset]
+    optimizers = [name.strip() for name in args.optimizers.split(",") if name.strip()]
+    unknown = sorted(set(optimizers) - set(OPTIMIZERS))
+    if unknown or not optimizers:
+        raise SystemExit(f"--optimizers: unknown {unknown}; choose from {OPTIMIZERS}")
+    grid = parse_lr_grid(args.lr_grid)
+    steps = args.steps or preset.steps
+    betas = parse_floats(args.betas)
+    if len(betas) != 2:
+        raise SystemExit(f"--betas needs two numbers, got {args.betas!r}")
+    config = {
+        "preset": args.preset,
+        "d_model": preset.d_model,
+        "n_layers": preset.n_layers,
+        "n_heads": preset.n_heads,
+        "ctx": args.ctx or preset.ctx,
+        "batch_size": args.batch_size or preset.batch_size,
+        "steps": steps,
+        "eval_every": args.eval_every or preset.eval_every,
+        "eval_batches": args.eval_batches or preset.eval_batches,
+        "warmup_steps": args.warmup_steps if args.warmup_steps is not None else max(1, steps // 10),
+        "min_lr_ratio": args.min_lr_ratio,
+        "weight_decay": args.weight_decay,
+        "betas": betas,
+        "eps": args.eps,
+        "precondition_frequency": args.precondition_frequency,
+        "soap_backend": args.soap_backend,
+        "optimizers": optimizers,
+        "lr_grid": {name: grid.get(name, [preset.lr[name]]) for name in optimizers},
+        "seeds": [int(s) for s in args.seeds.split(",") if s.strip()],
+        "corpus": str(args.corpus),
+        "val_fraction": args.val_fraction,
+        "device": args.device,
+        "bf16": args.bf16,
+        "threads": args.threads,
+    }
+    config["tokens_per_step"] = config["batch_size"] * config["ctx"]
+    config["token_budget"] = config["tokens_per_step"] * steps
+    return config
+
+
+# ----------------------------------------------------------------------------------- optimizers
+def make_optimizer(name: str, param_groups: list[dict], lr: float, config: dict) -> torch.optim.Optimizer:
+    betas = tuple(config["betas"])
+    if name == "adamw":
+        return torch.optim.AdamW(param_groups, lr=lr, betas=betas, eps=config["eps"], fused=True)
+    # Imported here so that the AdamW path runs without soap_kernels (or before SOAP exists).
+    from soap_kernels import SOAP
+
+    second_moment = {"soap": "adam", "shampoo": "adafactor"}[name]
+    return SOAP(
+        param_groups,
+        lr=lr,
+        betas=betas,
+        eps=config["eps"],
+        precondition_frequency=config["precondition_frequency"],
+        backend=config["soap_backend"],
+        second_moment=second_moment,
+    )
+
+
+def warmup_cosine(warmup_steps: int, total_steps: int, min_ratio: float):
+    """LR factor for LambdaLR: linear warm-up to 1, then cosine decay to ``min_ratio``."""
+
+    def factor(step: int) -> float:
+        if step < warmup_steps:
+            return (step + 1) / warmup_steps
+        progress = min(1.0, (step - warmup_steps) / max(1, total_steps - warmup_steps))
+        return min_ratio + (1.0 - min_ratio) * 0.5 * (1.0 + math.cos(math.pi * progress))
+
+    return factor
+
+
+def state_bytes(optimizer: torch.optim.Optimizer) -> int:
+    """Bytes of the tensors held in ``optimizer.state``, each storage counted once (views share)."""
+    seen: dict[int, int] = {}
+
+    def visit(obj) -> None:
+        if isinstance(obj, torch.Tensor):
+            storage = obj.untyped_storage()
+            seen[storage.data_ptr()] = storage.nbytes()
+        elif isinstance(obj, dict):
+            for value in obj.values():
+                visit(value)
+        elif isinstance(obj, list | tuple):
+            for value in obj:
+                visit(value)
+
+    visit(list(optimizer.state.values()))
+    return sum(seen.values())
+
+
+# ------------------------------------------------------------------------------------- training
+@torch.no_grad()
+def evaluate(model: GPT, batches: list, device: torch.device, bf16: bool) -> float:
+    model.eval()
+    losses = []
+    for x, y in batches:
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
+            losses.append(model(x.to(device), y.to(device)).float())
+    model.train()
+    return torch.stack(losses).mean().item()
+
+
+def train_run(name: str, lr: float, seed: int, corpus: CharCorpus, val_batches: list, config: dict, progress: bool) -> dict:
+    """One training run; returns its record (status "ok", "diverged" or "failed")."""
+    device = torch.device(config["device"])
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    steps, bf16 = config["steps"], config["bf16"]
+    record: dict = {
+        "optimizer": name, "lr": lr, "seed": seed, "status": "ok", "error": None,
+        "train_loss": [], "eval_steps": [], "val_loss": [], "train_time_at_eval_s": [],
+        "steps_done": 0, "train_time_s": 0.0, "optimizer_time_s": 0.0, "optimizer_share": 0.0,
+        "eval_time_s": 0.0, "run_time_s": 0.0, "peak_memory_bytes": 0, "optimizer_state_bytes": 0,
+    }  # fmt: skip
+    run_start = time.perf_counter()
+    # The same seed gives every optimizer the same initial weights and the same batches.
+    torch.manual_seed(seed)
+    model = GPT(GPTConfig(corpus.vocab_size, config["ctx"], config["d_model"], config["n_layers"], config["n_heads"])).to(device)
+    data_generator = torch.Generator().manual_seed(seed)
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+
+    def log_eval(step: int) -> None:
+        t0 = time.perf_counter()
+        loss = evaluate(model, val_batches, device, bf16)
+        record["eval_time_s"] += time.perf_counter() - t0
+        record["eval_steps"].append(step)
+        record["val_loss"].append(loss)
+        record["train_time_at_eval_s"].append(record["train_time_s"])
+
+    bar = tqdm(total=steps, desc=f"{name} lr={lr:g} seed={seed}", disable=not progress, leave=True)
+    try:
+        optimizer = make_optimizer(name, model.param_groups(config["weight_decay"]), lr, config)
+        scheduler = LambdaLR(optimizer, warmup_cosine(config["warmup_steps"], steps, config["min_lr_ratio"]))
+        log_eval(0)
+        for step in range(1, steps + 1):
+            sync()
+            t0 = time.perf_counter()
+            x, y = corpus.train_batch(config["batch_size"], config["ctx"], data_generator)
+            x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
+                loss = model(x, y)
+            loss.backward()
+            sync()
+            t1 = time.perf_counter()
+            optimizer.step()
+            sync()
+            t2 = time.perf_counter()
+            optimizer.zero_grad(set_to_none=True)
+            scheduler.step()
+            record["train_time_s"] += time.perf_counter() - t0
+            record["optimizer_time_s"] += t2 - t1
+            record["steps_done"] = step
+            loss_value = loss.item()
+            record["train_loss"].append(loss_value)
+            bar.update()
+            if not math.isfinite(loss_value):
+                record["status"] = "diverged"
+                break
+            if step % config["eval_every"] == 0 or step == steps:
+                log_eval(step)
+                bar.set_postfix(loss=f"{loss_value:.3f}", val=f"{record['val_loss'][-1]:.3f}")
+            elif step % 10 == 0:
+                bar.set_postfix(loss=f"{loss_value:.3f}", val=f"{record['val_loss'][-1]:.3f}")
+        record["optimizer_state_bytes"] = state_bytes(optimizer)
+    except Exception as exc:  # noqa: BLE001 -- one failing optimizer must not lose the others' results
+        record["status"] = "failed"
+        record["error"] = f"{type(exc).__name__}: {exc}"
+        print(f"\n[{name} lr={lr:g} seed={seed}] failed: {record['error']}", file=sys.stderr)
+    finally:
+        bar.close()
+    if record["val_loss"] and not math.isfinite(record["val_loss"][-1]):
+        record["status"] = "diverged"
+    record["optimizer_share"] = record["optimizer_time_s"] / record["train_time_s"] if record["train_time_s"] else 0.0
+    record["run_time_s"] = time.perf_counter() - run_start
+    if device.type == "cuda":
+        record["peak_memory_bytes"] = torch.cuda.max_memory_allocated(device)
+        record["peak_memory_kind"] = "torch.cuda.max_memory_allocated (this run)"
+    else:
+        # ru_maxrss is in KiB on Linux and only grows: it is the process's peak up to this run.
+        record["peak_memory_bytes"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+        record["peak_memory_kind"] = "process peak RSS so far (ru_maxrss)"
+    return record
+
+
+# ------------------------------------------------------------------------------------- plumbing
+def environment(device: torch.device) -> dict:
+    env = {
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "platform": platform.platform(),
+        "cpu": _cpu_name(),
+        "cpu_count": os.cpu_count(),
+        "torch_threads": torch.get_num_threads(),
+    }
+    try:
+        import soap_kernels
+
+        env["soap_kernels"] = soap_kernels.__version__
+        if hasattr(soap_kernels, "backend_info"):
+            env["soap_backend_info"] = str(soap_kernels.backend_info())
+    except Exception as exc:  # noqa: BLE001
+        env["soap_kernels"] = f"not importable ({type(exc).__name__}: {exc})"
+    if device.type == "cuda":
+        env["gpu"] = torch.cuda.get_device_name(device)
+        env["cuda"] = torch.version.cuda
+    return env
+
+
+def _cpu_name() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown"
+
+
+def _json_safe(obj):
+    if isinstance(obj, float) and not math.isfinite(obj):
+        return None
+    if isinstance(obj, dict):
+        return {str(k): _json_safe(v) for k, v in obj.items()}
+    if isinstance(obj, list | tuple):
+        return [_json_safe(v) for v in obj]
+    if isinstance(obj, Path):
+        return str(obj)
+    return obj
+
+
+def main(argv: list[str] | None = None) -> dict:
+    """Run the comparison; returns what it wrote to ``results.json``."""
+    args = build_parser().parse_args(argv)
+    config = resolve_config(args)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    device = torch.device(args.device)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise SystemExit("--device cuda: no CUDA device is available")
+    out = args.out or Path("runs") / f"lm-{datetime.datetime.now():%Y%m%d-%H%M%S}"
+    out.mkdir(parents=True, exist_ok=True)
+
+    corpus = CharCorpus(load_text(args.corpus), args.val_fraction)
+    corpus.check_fits(config["ctx"], config["batch_size"])
+    val_batches = corpus.val_batches(config["eval_batches"], config["batch_size"], config["ctx"])
+    n_params = GPT(
+        GPTConfig(corpus.vocab_size, config["ctx"], config["d_model"], config["n_layers"], config["n_heads"])
+    ).num_params()
+    config.update(
+        vocab_size=corpus.vocab_size, n_params=n_params,
+        train_chars=len(corpus.train), val_chars=len(corpus.val),
+        epochs=config["token_budget"] / len(corpus.train),
+        val_tokens_per_eval=config["eval_batches"] * config["tokens_per_step"],
+    )  # fmt: skip
+    print(
+        f"{args.preset}: {n_params:,} parameters, vocab {corpus.vocab_size}, "
+        f"{config['steps']} steps x {config['batch_size']} x {config['ctx']} = {config['token_budget']:,} tokens "
+        f"({config['epochs']:.2f} epochs of {len(corpus.train):,} training chars), device {device}",
+        file=sys.stderr,
+    )
+
+    runs = []
+    started = time.perf_counter()
+    for name in config["optimizers"]:
+        for lr in config["lr_grid"][name]:
+            for seed in config["seeds"]:
+                runs.append(train_run(name, lr, seed, corpus, val_batches, config, not args.no_progress))
+    total_s = time.perf_counter() - started
+
+    summary = summarize(runs, config["optimizers"])
+    table = format_table(summary)
+    results = {
+        "date": datetime.datetime.now().astimezone().isoformat(timespec="seconds"),
+        "command": " ".join([Path(sys.argv[0]).name, *(argv if argv is not None else sys.argv[1:])]),
+        "config": config,
+        "environment": environment(device),
+        "total_time_s": total_s,
+        "summary": summary,
+        "table": table,
+        "runs": runs,
+    }
+    results = _json_safe(results)
+    (out / "results.json").write_text(json.dumps(results, indent=1))
+    plot_curves(
+        summary, out / "loss_curves.png",
+        title=f"{args.preset}: {n_params:,} params, {config['token_budget']:,} tokens, "
+        f"batch {config['batch_size']}x{config['ctx']}, {device}, mean over seeds {config['seeds']}",
+    )  # fmt: skip
+    print(table)
+    print(f"total {total_s:.1f} s; wrote {out / 'results.json'} and {out / 'loss_curves.png'}")
+    return results
+
+
+if __name__ == "__main__":
+    main()
