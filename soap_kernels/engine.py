@@ -65,7 +65,8 @@ class Bucket:
         self.step = torch.zeros(count, **f32)
         self.host_step = [0] * count
         self.initialized = [False] * count
-        self.refreshes = 0
+        # Refreshes per (working dim, row) since the start, for the re-orthonormalisation cadence.
+        self.refresh_count = [[0] * count for _ in self.q]
 
     # ----------------------------------------------------------------------------- bookkeeping
     @property
@@ -96,6 +97,12 @@ class Bucket:
             reference.NOT_PRECONDITIONED if q is None else q[row] @ s[row] @ q[row].T
             for q, s in zip(self.q, self.stats)
         ]
+        # Engine-private extras (ignored by the reference): the exact rotated-frame statistics and
+        # the refresh counts, so that a checkpoint continues bit for bit on the batched engine.
+        out["GG_eigenbasis"] = [
+            reference.NOT_PRECONDITIONED if s is None else s[row].clone() for s in self.stats
+        ]
+        out["Q_refreshes"] = [counts[row] for counts in self.refresh_count]
         return out
 
     def import_row(self, row: int, state: dict[str, Any]) -> None:
@@ -106,12 +113,15 @@ class Bucket:
             self.exp_avg_sq[row].copy_(layout.to_work(state["exp_avg_sq"].float()))
         else:
             self.exp_avg_sq[row].copy_(state["exp_avg_sq"].float())
-        for q, s, q_in, gg_in in zip(self.q, self.stats, state["Q"], state["GG"]):
+        exact = state.get("GG_eigenbasis")
+        counts = state.get("Q_refreshes", [0] * len(self.q))
+        for i, (q, s, q_in, gg_in) in enumerate(zip(self.q, self.stats, state["Q"], state["GG"])):
             if q is None:
                 continue
             q_row = q_in.float()
             q[row].copy_(q_row)
-            s[row].copy_(q_row.T @ gg_in.float() @ q_row)
+            s[row].copy_(exact[i] if exact is not None else q_row.T @ gg_in.float() @ q_row)
+            self.refresh_count[i][row] = int(counts[i])
         step = int(state["step"])
         self.host_step[row] = step
         self.step[row] = step
@@ -194,8 +204,6 @@ class Bucket:
     def refresh(self, rows_per_dim: dict[int, list[int]]) -> None:
         """Refresh factor ``i`` of the given rows (step 4 of DESIGN §1, in the rotated frame)."""
         count = len(self.params)
-        self.refreshes += 1
-        reorthonormalize = self.refreshes % REORTHONORMALIZE_EVERY == 0
         for dim, rows in rows_per_dim.items():
             if not rows:
                 continue
@@ -204,8 +212,17 @@ class Bucket:
             q = self.q[dim] if full else self.q[dim].index_select(0, index)
             stats = self.stats[dim] if full else self.stats[dim].index_select(0, index)
             perm, q_mix = ops.refresh_factor(stats, q)
-            if reorthonormalize:
+            counts = self.refresh_count[dim]
+            for r in rows:
+                counts[r] += 1
+            due = [k for k, r in enumerate(rows) if counts[r] % REORTHONORMALIZE_EVERY == 0]
+            if len(due) == len(rows):
                 ops.reorthonormalize_(q)
+            elif due:
+                sub = torch.tensor(due, device=q.device)
+                q_due = q.index_select(0, sub)
+                ops.reorthonormalize_(q_due)
+                q.index_copy_(0, sub, q_due)
             exp_avg = self.exp_avg if full else self.exp_avg.index_select(0, index)
             exp_avg_sq = self.exp_avg_sq if full else self.exp_avg_sq.index_select(0, index)
             new_exp_avg = ops.reexpress(exp_avg, dim, perm, q_mix)

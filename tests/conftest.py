@@ -34,12 +34,12 @@ TOLERANCE = {
 
 
 def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
-    a, b = a.double(), b.double()
+    a, b = a.detach().double(), b.detach().double()
     return float((a - b).norm() / b.norm().clamp_min(1e-30))
 
 
 def report(name: str, a: torch.Tensor, b: torch.Tensor) -> float:
-    diff = (a.double() - b.double()).abs()
+    diff = (a.detach().double() - b.detach().double()).abs()
     err = rel_err(a, b)
     print(f"{name}: rel {err:.2e}  max {float(diff.max()) if diff.numel() else 0.0:.2e}  mean {float(diff.mean()) if diff.numel() else 0.0:.2e}")
     return err
