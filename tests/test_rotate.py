@@ -151,7 +151,7 @@ def test_rotate_back_update_param_dtypes_and_forms(dtype, form):
     check(f"params {dtype} {form}", got, want, *TOL_PARAM[dtype])
 
 
-def test_rotate_back_update_runtime_args_do_not_recompile():
+def test_rotate_back_update_changing_runtime_values():
     gen = torch.Generator().manual_seed(5)
     b, m, n = 1, 5, 7
     direction = randn(b, m, n, gen=gen)

@@ -144,7 +144,7 @@ def adam_step(
         )
         _adam_kernel[(chunk_table.shape[0],)](
             pointer_table, chunk_table, step_sizes,
-            1.0 - beta1, beta2, 1.0 - beta2, eps, float(decay),
+            1.0 - float(beta1), float(beta2), 1.0 - float(beta2), float(eps), float(decay),
             PARAM_DTYPE=tl_dtype(p_dtype, "params"), GRAD_DTYPE=tl_dtype(g_dtype, "grads"),
             BLOCK=_BLOCK, num_warps=_NUM_WARPS,
         )  # fmt: skip

@@ -268,7 +268,7 @@ def rotate_in_adam(
         grid = (triton.cdiv(m, cfg.block_m) * triton.cdiv(n, cfg.block_n), bt)
         _rotate_adam_kernel[grid](
             a if a is not None else b, b, *outs, m, n, k, *_strides(a, b),
-            1.0 - beta1, beta2, 1.0 - beta2, eps,
+            1.0 - float(beta1), float(beta2), 1.0 - float(beta2), float(eps),
             ROTATE=a is not None, PRECISION=input_precision, CAST_BF16=cast_bf16, GROUP_M=8,
             **cfg.meta(),
         )  # fmt: skip
