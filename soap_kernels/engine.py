@@ -19,6 +19,7 @@ between backends.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -67,6 +68,14 @@ class Bucket:
         self.initialized = [False] * count
         # Refreshes per (working dim, row) since the start, for the re-orthonormalisation cadence.
         self.refresh_count = [[0] * count for _ in self.q]
+        self._buffers: tuple[Tensor, Tensor] | None = None
+        # The last back-rotation GEMM can write the parameter update itself when the parameters
+        # are fp32 matrices that the working layout views without a copy.
+        self._fused_update = (
+            len(layout.work_shape) == 2
+            and not layout.permute
+            and all(p.dtype == torch.float32 and p.is_contiguous() for p in params)
+        )
 
     # ----------------------------------------------------------------------------- bookkeeping
     @property
@@ -150,6 +159,19 @@ class Bucket:
             self.host_step[row] = 0
             self.initialized[row] = True
 
+    def _workspace(self) -> tuple[Tensor, Tensor] | None:
+        """Two bucket-sized fp32 buffers reused every step on the CPU.
+
+        Measured here: an elementwise op into a fresh 16 MB tensor took 17 ms against 11 ms into a
+        reused one (the fresh pages fault in). CUDA's caching allocator makes this moot, so GPU
+        buckets allocate per step and keep no extra memory.
+        """
+        if self.exp_avg.device.type != "cpu":
+            return None
+        if self._buffers is None:
+            self._buffers = (torch.empty_like(self.exp_avg), torch.empty_like(self.exp_avg))
+        return self._buffers
+
     def update(self, rows: list[int], grads: list[Tensor], group: dict) -> None:
         """Steps 3 and the statistics half of 4 of DESIGN §1 for ``rows`` (all initialised)."""
         layout = self.layout
@@ -161,39 +183,53 @@ class Bucket:
         def take(x: Tensor | None) -> Tensor | None:
             return x if (x is None or full) else x.index_select(0, index)
 
-        grad = torch.stack([layout.to_work(g.float()) for g in grads])
+        workspace = self._workspace() if full else None
+        work = [layout.to_work(g if g.dtype == torch.float32 else g.float()) for g in grads]
+        if workspace is not None and len(layout.work_shape) == 2 and self.second_moment == "adam":
+            grad = work  # the first GEMM reads each gradient in place
+        elif workspace is not None:
+            grad = torch.stack(work, out=workspace[0])
+        else:
+            grad = torch.stack(work)
         exp_avg, exp_avg_sq = take(self.exp_avg), take(self.exp_avg_sq)
         qs = [take(q) for q in self.q]
         stats = [take(s) for s in self.stats]
 
+        # Step counts: on the device for the live state, on the host for the step sizes (the
+        # bias correction needs no device round trip).
         if full:
             self.step.add_(1)
-            step = self.step
         else:
-            step = self.step.index_select(0, index).add_(1)
-            self.step.index_copy_(0, index, step)
+            self.step.index_copy_(0, index, self.step.index_select(0, index).add_(1))
+        lr = float(group["lr"])
+        step_sizes = []
         for r in rows:
             self.host_step[r] += 1
+            t = self.host_step[r]
+            bias = math.sqrt(1.0 - beta2**t) / (1.0 - beta1**t) if group["correct_bias"] else 1.0
+            step_sizes.append(lr * bias)
+        decay = 1.0 - lr * group["weight_decay"] if group["weight_decay"] > 0 else 1.0
 
         if self.second_moment == "adam":
-            rotated, direction = ops.rotate_in_adam(grad, qs, exp_avg, exp_avg_sq, beta1, beta2, group["eps"])
+            rotated, direction = ops.rotate_in_adam(grad, qs, exp_avg, exp_avg_sq, beta1, beta2, group["eps"],
+                                                    workspace=workspace)
         else:
-            rotated, direction = ops.rotate_in_adafactor(
-                grad, qs, exp_avg, exp_avg_sq, beta1, beta2, group["eps"]
-            )
-        update = ops.rotate_back(direction, qs)
-        extra = (1,) * (update.dim() - 1)
-        if group["normalize_grads"]:
-            rms = update.square().mean(dim=tuple(range(1, update.dim())), keepdim=True).sqrt_()
-            update.div_(rms.add_(1e-30))
-        step_size = torch.full_like(step, group["lr"])
-        if group["correct_bias"]:
-            step_size = step_size * torch.sqrt(1.0 - torch.pow(beta2, step)) / (1.0 - torch.pow(beta1, step))
-        update.mul_(step_size.view(-1, *extra))
-        decay = 1.0 - group["lr"] * group["weight_decay"] if group["weight_decay"] > 0 else None
-        _apply_update([self.params[r] for r in rows], [layout.from_work(u) for u in update.unbind(0)], decay)
-
+            rotated, direction = ops.rotate_in_adafactor(grad, qs, exp_avg, exp_avg_sq, beta1, beta2, group["eps"])
         ops.update_statistics(stats, rotated, shampoo_beta)
+
+        params = [self.params[r] for r in rows]
+        if not group["normalize_grads"] and self._fused_update:
+            ops.rotate_back_update(direction, qs, params, step_sizes, decay,
+                                   workspace=None if workspace is None else workspace[0])
+        else:
+            update = ops.rotate_back(direction, qs)
+            if group["normalize_grads"]:
+                rms = update.square().mean(dim=tuple(range(1, update.dim())), keepdim=True).sqrt_()
+                update.div_(rms.add_(1e-30))
+            sizes = torch.tensor(step_sizes, dtype=torch.float32).to(update.device, non_blocking=True)
+            update.mul_(sizes.view(-1, *(1,) * (update.dim() - 1)))
+            _apply_update(params, [layout.from_work(u) for u in update.unbind(0)], None if decay == 1.0 else decay)
+
         if not full:
             self.exp_avg.index_copy_(0, index, exp_avg)
             self.exp_avg_sq.index_copy_(0, index, exp_avg_sq)

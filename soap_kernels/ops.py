@@ -25,6 +25,7 @@ __all__ = [
     "rotate",
     "rotate_in_adam",
     "rotate_in_adafactor",
+    "rotate_back_update",
     "permute_along",
     "reexpress",
     "rotate_back",
@@ -62,25 +63,105 @@ def rotate(x: Tensor, qs: Sequence[Tensor | None], *, back: bool = False) -> Ten
 
 
 def rotate_in_adam(
-    grad: Tensor,
+    grad: Tensor | Sequence[Tensor],
     qs: Sequence[Tensor | None],
     exp_avg: Tensor,
     exp_avg_sq: Tensor,
     beta1: float,
     beta2: float,
     eps: float,
+    *,
+    workspace: tuple[Tensor, Tensor] | None = None,
 ) -> tuple[Tensor, Tensor]:
     """Rotate the gradient in and run Adam's moment update in the eigenbasis.
 
     ``G' = rotate(grad)``; in place ``exp_avg ← β1·exp_avg + (1-β1)·G'`` and
     ``exp_avg_sq ← β2·exp_avg_sq + (1-β2)·G'²``; returns ``(G', exp_avg / (√exp_avg_sq + eps))``.
     Bias correction is not applied here: it is folded into the step size (as the reference does).
+
+    ``workspace``: two bucket-shaped fp32 buffers; the results are written into them (``G'`` and
+    the direction) instead of fresh tensors. With a workspace, ``grad`` may be the list of the
+    parameters' fp32 gradient matrices instead of their stack.
     """
-    rotated = rotate(grad, qs)
+    if workspace is not None and (not isinstance(grad, Tensor) or grad.dim() == 3):
+        rotated, direction = _rotate_matrix_into(grad, qs, workspace)
+    else:
+        rotated = rotate(grad, qs)
+        direction = None
     exp_avg.lerp_(rotated, 1.0 - beta1)
     exp_avg_sq.mul_(beta2).addcmul_(rotated, rotated, value=1.0 - beta2)
-    direction = exp_avg / exp_avg_sq.sqrt().add_(eps)
+    if direction is None:
+        return rotated, exp_avg / exp_avg_sq.sqrt().add_(eps)
+    torch.sqrt(exp_avg_sq, out=direction).add_(eps)
+    torch.div(exp_avg, direction, out=direction)
     return rotated, direction
+
+
+def _rotate_matrix_into(
+    grad: Tensor | Sequence[Tensor], qs: Sequence[Tensor | None], workspace: tuple[Tensor, Tensor]
+) -> tuple[Tensor, Tensor]:
+    """``Q_Lᵀ G Q_R`` into the two workspace buffers; returns (rotated, the free buffer).
+
+    ``grad`` may be the list of per-parameter matrices: the first GEMM then reads each gradient
+    where it lies, which saves stacking them (a full pass over the gradients).
+    """
+    a, b = workspace
+    q_left, q_right = qs
+    if not isinstance(grad, Tensor) and (q_left is not None or q_right is not None):
+        for i, g in enumerate(grad):
+            if q_left is not None:
+                torch.matmul(q_left[i].mT, g, out=b[i])
+            else:
+                torch.matmul(g, q_right[i], out=b[i])
+        if q_left is not None and q_right is not None:
+            torch.matmul(b, q_right, out=a)
+            return a, b
+        return b, a
+    if not isinstance(grad, Tensor):
+        torch.stack(list(grad), out=a)
+    if q_left is None and q_right is None:
+        return a, b
+    if q_left is not None and q_right is not None:
+        torch.matmul(q_left.mT, a, out=b)
+        torch.matmul(b, q_right, out=a)
+        return a, b
+    if q_left is not None:
+        torch.matmul(q_left.mT, a, out=b)
+    else:
+        torch.matmul(a, q_right, out=b)
+    return b, a
+
+
+def rotate_back_update(
+    direction: Tensor,
+    qs: Sequence[Tensor | None],
+    params: Sequence[Tensor],
+    step_sizes: Sequence[float],
+    decay: float,
+    *,
+    workspace: Tensor | None = None,
+) -> None:
+    """``p ← (p − s_b·Q_L D Q_Rᵀ)·decay`` for fp32 matrix parameters, the last GEMM writing ``p``.
+
+    ``(p − s·N)·decay = decay·p − s·decay·N`` is exactly ``addmm_``'s ``beta``/``alpha`` epilogue,
+    so the update costs no elementwise pass of its own. ``decay`` is ``1 − lr·wd`` (or 1).
+    """
+    q_left, q_right = qs
+    if q_right is not None:
+        if q_left is None:
+            x = direction
+        else:
+            x = torch.matmul(q_left, direction, out=workspace) if workspace is not None else torch.matmul(q_left, direction)
+        for i, p in enumerate(params):
+            p.addmm_(x[i], q_right[i].mT, beta=decay, alpha=-step_sizes[i] * decay)
+    elif q_left is not None:
+        for i, p in enumerate(params):
+            p.addmm_(q_left[i], direction[i], beta=decay, alpha=-step_sizes[i] * decay)
+    else:
+        for i, p in enumerate(params):
+            p.add_(direction[i], alpha=-step_sizes[i])
+            if decay != 1.0:
+                p.mul_(decay)
 
 
 def rotate_in_adafactor(
