@@ -195,10 +195,7 @@ def rotate_in_adafactor(
 
 def permute_along(x: Tensor, dim: int, perm: Tensor) -> Tensor:
     """``y[b, .., k, ..] = x[b, .., perm[b, k], ..]`` along working dim ``dim`` (``perm [B, d]``)."""
-    axis = dim + 1
-    shape = [perm.shape[0]] + [1] * (x.dim() - 1)
-    shape[axis] = perm.shape[1]
-    return x.take_along_dim(perm.reshape(shape), dim=axis)
+    return torch.stack([xi.index_select(dim, p) for xi, p in zip(x, perm)])
 
 
 def reexpress(exp_avg: Tensor, dim: int, perm: Tensor, q_mix: Tensor) -> Tensor:
@@ -236,16 +233,19 @@ def refresh_factor(stats: Tensor, q: Tensor) -> tuple[Tensor, Tensor]:
     """
     est = stats.diagonal(dim1=-2, dim2=-1)
     perm = torch.argsort(est, dim=-1, descending=True)
-    permuted = stats.take_along_dim(perm[:, :, None], dim=1).take_along_dim(perm[:, None, :], dim=2)
-    q_perm = q.take_along_dim(perm[:, None, :], dim=2)
+    # index_select per row: a broadcast take_along_dim builds a d²-sized int64 index (measured
+    # 165 ms against a few ms for a batch of six 1024² matrices on the CPU).
+    permuted = torch.stack([s.index_select(0, p).index_select(1, p) for s, p in zip(stats, perm)])
+    q_perm = torch.stack([qi.index_select(1, p) for qi, p in zip(q, perm)])
     q_mix, r = lapack.qr(permuted)
     sign = torch.sign(r.diagonal(dim1=-2, dim2=-1))
-    sign = torch.where(sign == 0, torch.ones_like(sign), sign)
-    q_mix = q_mix * sign[:, None, :]
-    r = r * sign[:, :, None]
+    sign[sign == 0] = 1.0
+    q_mix.mul_(sign[:, None, :])
+    r.mul_(sign[:, :, None])
     new_stats = torch.matmul(r, q_mix)
-    stats.copy_(0.5 * (new_stats + new_stats.mT))
-    q.copy_(torch.matmul(q_perm, q_mix))
+    torch.add(new_stats, new_stats.mT, out=stats)
+    stats.mul_(0.5)
+    torch.matmul(q_perm, q_mix, out=q)
     return perm, q_mix
 
 
@@ -253,8 +253,8 @@ def reorthonormalize_(q: Tensor) -> None:
     """Re-orthonormalise a product of orthogonal factors in place (QR, positive-diagonal R)."""
     q_new, r = lapack.qr(q)
     sign = torch.sign(r.diagonal(dim1=-2, dim2=-1))
-    sign = torch.where(sign == 0, torch.ones_like(sign), sign)
-    q.copy_(q_new * sign[:, None, :])
+    sign[sign == 0] = 1.0
+    torch.mul(q_new, sign[:, None, :], out=q)
 
 
 class FLOPS:
