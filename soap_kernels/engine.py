@@ -43,8 +43,12 @@ def bucket_key(param: Tensor, layout: Layout) -> tuple:
 class Bucket:
     """Stacked state of ``B`` same-shaped parameters of one param group."""
 
-    def __init__(self, params: list[Tensor], layout: Layout, second_moment: str) -> None:
+    def __init__(self, params: list[Tensor], layout: Layout, second_moment: str, kernels: str = "torch",
+                 precision: str = "fp32") -> None:
         self.params = params
+        # "triton": matrix buckets (and un-preconditioned ones) run the fused Triton kernels.
+        self.kernels = kernels
+        self.precision = precision
         self.layout = layout
         self.second_moment = second_moment
         count = len(params)
@@ -174,6 +178,8 @@ class Bucket:
 
     def update(self, rows: list[int], grads: list[Tensor], group: dict) -> None:
         """Steps 3 and the statistics half of 4 of DESIGN §1 for ``rows`` (all initialised)."""
+        if self._triton_update(rows, grads, group):
+            return
         layout = self.layout
         beta1, beta2 = group["betas"]
         shampoo_beta = group["shampoo_beta"] if group["shampoo_beta"] >= 0 else beta2
@@ -237,6 +243,51 @@ class Bucket:
                 if s_all is not None:
                     s_all.index_copy_(0, index, s)
 
+    def _uses_triton(self) -> bool:
+        return self.kernels == "triton" and self.second_moment == "adam" and (
+            len(self.layout.work_shape) == 2 or not self.layout.any_preconditioned
+        )
+
+    def _triton_update(self, rows: list[int], grads: list[Tensor], group: dict) -> bool:
+        """The update through the fused Triton kernels (matrix and un-preconditioned buckets).
+
+        Step sizes come from the device step counter, so the step has no host round trip.
+        Returns False when this bucket stays on the torch path.
+        """
+        if not self._uses_triton() or len(rows) != len(self.params):
+            return False
+        from . import triton as tk
+
+        beta1, beta2 = group["betas"]
+        shampoo_beta = group["shampoo_beta"] if group["shampoo_beta"] >= 0 else beta2
+        for r in rows:
+            self.host_step[r] += 1
+        step = self.step.add_(1)
+        lr = float(group["lr"])
+        if group["correct_bias"]:
+            step_size = lr * torch.sqrt(1.0 - torch.pow(beta2, step)) / (1.0 - torch.pow(beta1, step))
+        else:
+            step_size = torch.full_like(step, lr)
+        decay = 1.0 - lr * group["weight_decay"] if group["weight_decay"] > 0 else 1.0
+        if not self.layout.any_preconditioned:
+            tk.adam_step(self.params, [g.contiguous() for g in grads], list(self.exp_avg.unbind(0)),
+                         list(self.exp_avg_sq.unbind(0)), step_size, beta1, beta2, group["eps"], decay)
+            return True
+        grad = torch.stack([g if g.dtype == torch.float32 else g.float() for g in grads])
+        rotated, direction = tk.rotate_in_adam(grad, self.q, self.exp_avg, self.exp_avg_sq, beta1, beta2,
+                                               group["eps"], precision=self.precision)
+        tk.update_statistics(self.stats, rotated, shampoo_beta)
+        if group["normalize_grads"] or not all(p.is_contiguous() for p in self.params):
+            update = tk.rotate_back(direction, self.q, precision=self.precision)
+            if group["normalize_grads"]:
+                rms = update.square().mean(dim=(1, 2), keepdim=True).sqrt_()
+                update.div_(rms.add_(1e-30))
+            update.mul_(step_size.view(-1, 1, 1))
+            _apply_update(self.params, list(update.unbind(0)), None if decay == 1.0 else decay)
+        else:
+            tk.rotate_back_update(direction, self.q, self.params, step_size, decay, precision=self.precision)
+        return True
+
     def refresh(self, rows_per_dim: dict[int, list[int]]) -> None:
         """Refresh factor ``i`` of the given rows (step 4 of DESIGN §1, in the rotated frame)."""
         count = len(self.params)
@@ -247,18 +298,27 @@ class Bucket:
             index = None if full else torch.tensor(rows, device=self.exp_avg.device)
             q = self.q[dim] if full else self.q[dim].index_select(0, index)
             stats = self.stats[dim] if full else self.stats[dim].index_select(0, index)
-            perm, q_mix = ops.refresh_factor(stats, q)
+            triton_refresh = self._uses_triton() and full
+            if triton_refresh:
+                from . import triton as tk
+
+                perm, q_mix = tk.refresh_factor(stats, q)
+            else:
+                perm, q_mix = ops.refresh_factor(stats, q)
             counts = self.refresh_count[dim]
             for r in rows:
                 counts[r] += 1
             due = [k for k, r in enumerate(rows) if counts[r] % REORTHONORMALIZE_EVERY == 0]
             if len(due) == len(rows):
-                ops.reorthonormalize_(q)
+                (tk.reorthonormalize_ if triton_refresh else ops.reorthonormalize_)(q)
             elif due:
                 sub = torch.tensor(due, device=q.device)
                 q_due = q.index_select(0, sub)
                 ops.reorthonormalize_(q_due)
                 q.index_copy_(0, sub, q_due)
+            if triton_refresh:
+                tk.refresh_moments_(self.exp_avg, self.exp_avg_sq, perm, q_mix, axis=dim + 1)
+                continue
             exp_avg = self.exp_avg if full else self.exp_avg.index_select(0, index)
             exp_avg_sq = self.exp_avg_sq if full else self.exp_avg_sq.index_select(0, index)
             new_exp_avg = ops.reexpress(exp_avg, dim, perm, q_mix)
@@ -315,8 +375,10 @@ def _apply_update(params: Sequence[Tensor], updates: Sequence[Tensor], decay: fl
 class BatchedEngine:
     """Runs SOAP's step over buckets; owns the stacked state of the optimizer's parameters."""
 
-    def __init__(self, second_moment: str = "adam") -> None:
+    def __init__(self, second_moment: str = "adam", kernels: str = "torch", precision: str = "fp32") -> None:
         self.second_moment = second_moment
+        self.kernels = kernels
+        self.precision = precision
         self.buckets: list[tuple[int, Bucket]] = []  # (group index, bucket)
         self.where: dict[Tensor, tuple[Bucket, int]] = {}
         self.signature: tuple | None = None
@@ -332,7 +394,7 @@ class BatchedEngine:
                 layout = layout_of(p, group)
                 by_key.setdefault(bucket_key(p, layout), []).append(p)
             for (layout, _, _), params in by_key.items():
-                bucket = Bucket(params, layout, self.second_moment)
+                bucket = Bucket(params, layout, self.second_moment, self.kernels, self.precision)
                 for row, p in enumerate(params):
                     self.where[p] = (bucket, row)
                     if states.get(p):

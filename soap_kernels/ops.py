@@ -288,7 +288,26 @@ def backend_available(name: str) -> tuple[bool, str]:
     if name in ("reference", "torch"):
         return True, "plain PyTorch"
     if name == "triton":
-        return False, "the Triton kernels are not wired into the engine yet"
+        from . import triton as triton_kernels
+
+        return triton_kernels.available()
     if name == "cuda":
-        return False, "the native extension soap_kernels._C is not wired into the engine yet"
+        from . import _native
+
+        if not _native.available():
+            return False, f"the native extension soap_kernels._C is not loaded ({_native.load_error()})"
+        if not torch.cuda.is_available():
+            return False, "no CUDA device"
+        return False, "the CUDA ops of soap_kernels._C are not wired into the engine yet"
     return False, f"unknown backend {name!r}"
+
+
+def auto_backend(device: torch.device | None) -> str:
+    """``backend="auto"``: the batched torch engine, or Triton on a CUDA device where it can run.
+
+    Not yet measured on a GPU (none was available to this project so far): the Triton choice on
+    CUDA follows the design, not a measurement; ``benchmarks/run_gpu.sh`` produces the numbers.
+    """
+    if device is not None and device.type == "cuda" and backend_available("triton")[0]:
+        return "triton"
+    return "torch"

@@ -27,6 +27,7 @@ __all__ = ["SOAP", "BACKENDS", "STATE_FORMAT"]
 BACKENDS = ("auto", "reference", "torch", "triton", "cuda")
 DATA_FORMATS = ("channels_first", "channels_last")
 SECOND_MOMENTS = ("adam", "adafactor")
+PRECISIONS = ("fp32", "tf32", "bf16")
 # Version of the state_dict layout; a newer one is refused with a clear message.
 STATE_FORMAT = 1
 
@@ -69,11 +70,31 @@ def _check_hyperparameters(group: dict[str, Any], where: str = "") -> None:
             raise ValueError(f"{prefix}{name} must be True or False, got {group[name]!r}")
 
 
-def _resolve_backend(backend: str) -> str:
+def _materialize(params: Any) -> list:
+    """Lists instead of one-shot iterables (``model.parameters()``), so they can be read twice."""
+    if isinstance(params, Tensor):
+        return [params]
+    items = list(params)
+    return [{**g, "params": list(g["params"]) if not isinstance(g["params"], Tensor) else [g["params"]]}
+            if isinstance(g, dict) else g for g in items]
+
+
+def params_device(params: list) -> torch.device | None:
+    for item in params:
+        tensors = item["params"] if isinstance(item, dict) else [item]
+        if isinstance(tensors, Tensor):
+            tensors = [tensors]
+        for t in tensors:
+            if isinstance(t, Tensor):
+                return t.device
+    return None
+
+
+def _resolve_backend(backend: str, device: torch.device | None = None) -> str:
     if backend not in BACKENDS:
         raise ValueError(f"Unknown backend {backend!r}; choose one of {', '.join(BACKENDS)}")
     if backend == "auto":
-        return "torch"
+        return ops.auto_backend(device)
     if backend in ("triton", "cuda"):
         ok, reason = ops.backend_available(backend)
         if not ok:
@@ -105,6 +126,8 @@ class SOAP(torch.optim.Optimizer):
             ``precondition_frequency`` updates of each parameter, as the reference does.
         second_moment: ``"adam"`` (SOAP) or ``"adafactor"`` (Shampoo with exponent 1/2, by the
             paper's equivalence).
+        rotation_precision: ``"fp32"`` (default), or ``"tf32"``/``"bf16"`` tensor-core rotation
+            GEMMs (``backend="triton"``); statistics and refreshes stay fp32 or better.
     """
 
     def __init__(
@@ -126,6 +149,7 @@ class SOAP(torch.optim.Optimizer):
         backend: str = "auto",
         schedule: RefreshSchedule | None = None,
         second_moment: str = "adam",
+        rotation_precision: str = "fp32",
     ) -> None:
         defaults = {
             "lr": lr,
@@ -145,14 +169,21 @@ class SOAP(torch.optim.Optimizer):
             raise ValueError(f"Unknown data_format {data_format!r}; choose one of {', '.join(DATA_FORMATS)}")
         if second_moment not in SECOND_MOMENTS:
             raise ValueError(f"Unknown second_moment {second_moment!r}; choose one of {', '.join(SECOND_MOMENTS)}")
+        if rotation_precision not in PRECISIONS:
+            raise ValueError(f"Unknown rotation_precision {rotation_precision!r}; choose one of {', '.join(PRECISIONS)}")
         if schedule is not None and not isinstance(schedule, RefreshSchedule):
             raise ValueError(f"schedule must be a soap_kernels.schedules.RefreshSchedule or None, got {schedule!r}")
-        self.backend = _resolve_backend(backend)
+        params = _materialize(params)
+        self.backend = _resolve_backend(backend, params_device(params))
+        if rotation_precision != "fp32" and self.backend != "triton":
+            raise ValueError(f"rotation_precision={rotation_precision!r} needs backend='triton' (the {self.backend} backend rotates in fp32)")
+        self.rotation_precision = rotation_precision
         self.data_format = data_format
         self.second_moment = second_moment
         self.schedule = schedule
         self._updates = 0  # optimizer-wide update count: the schedule's t
-        self._engine = None if self.backend == "reference" else BatchedEngine(second_moment)
+        kernels = "triton" if self.backend == "triton" else "torch"
+        self._engine = None if self.backend == "reference" else BatchedEngine(second_moment, kernels, rotation_precision)
         self._signature: tuple | None = None
         super().__init__(params, defaults)
         for group in self.param_groups:

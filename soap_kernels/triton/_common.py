@@ -186,6 +186,24 @@ class PointerTableCache:
 
 
 @triton.jit
+def to_storage(x, DTYPE: tl.constexpr):
+    """fp32 -> the parameter's dtype, rounding to nearest even.
+
+    bf16 is rounded with integer arithmetic because Triton's CPU interpreter (the CI lane) truncates
+    fp32 -> bf16 casts and ignores ``fp_downcast_rounding``: measured, 504 of 1024 random values
+    differed from torch, drifting a bf16 parameter by one ulp per step. The integer form is exact
+    RTNE on the GPU as well (NaNs pass through unchanged).
+    """
+    if DTYPE == tl.bfloat16:
+        bits = x.to(tl.uint32, bitcast=True)
+        rounded = (bits + 0x7FFF + ((bits >> 16) & 1)) & 0xFFFF0000
+        y = tl.where(x != x, x, rounded.to(tl.float32, bitcast=True))
+        return y.to(tl.bfloat16)
+    else:
+        return x.to(DTYPE)
+
+
+@triton.jit
 def tile_ids(pid, M, N, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, GROUP_M: tl.constexpr):
     """Grouped tile order (GROUP_M row-tiles share their column tiles in L2)."""
     num_pid_m = tl.cdiv(M, BLOCK_M)

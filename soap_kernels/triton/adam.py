@@ -15,7 +15,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from ._common import INTERPRET, PointerTableCache, check_tensor, tl_dtype
+from ._common import INTERPRET, PointerTableCache, check_tensor, tl_dtype, to_storage
 
 __all__ = ["adam_step"]
 
@@ -78,7 +78,7 @@ def _adam_kernel(
     p = (p - step_size * tl.math.div_rn(m, tl.math.sqrt_rn(v) + eps)) * decay
     tl.store(m_ptr + offs, m, mask=mask)
     tl.store(v_ptr + offs, v, mask=mask)
-    tl.store(p_ptr + offs, p.to(PARAM_DTYPE), mask=mask)
+    tl.store(p_ptr + offs, to_storage(p, PARAM_DTYPE), mask=mask)
 
 
 _FLOATS = (torch.float32, torch.bfloat16, torch.float16)

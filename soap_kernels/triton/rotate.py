@@ -33,6 +33,7 @@ from ._common import (
     tile_ids,
     tl_dtype,
     tl_precision,
+    to_storage,
 )
 
 __all__ = ["rotate_in_adam", "rotate_back", "rotate_back_update", "rotate_in"]
@@ -182,7 +183,7 @@ def _rotate_update_kernel(
     p = tl.load(p_ptrs, mask=mask, other=0.0).to(tl.float32)
     step_size = tl.load(step_size_ptr + pid_b)
     p = (p - step_size * u) * decay
-    tl.store(p_ptrs, p.to(PARAM_DTYPE), mask=mask)
+    tl.store(p_ptrs, to_storage(p, PARAM_DTYPE), mask=mask)
 
 
 # --------------------------------------------------------------------------------------------
