@@ -413,14 +413,19 @@ class BatchedEngine:
         bucket, row = self.where[p]
         return bucket.row_state(row) if bucket.initialized[row] else None
 
-    def step(self, param_groups: list[dict]) -> tuple[list[Tensor], list[tuple[Bucket, list[int]]]]:
+    def step(self, param_groups: list[dict], owns: Callable[[Bucket], bool] | None = None,
+             ) -> tuple[list[Tensor], list[tuple[Bucket, list[int]]]]:
         """Initialise or update every parameter that has a gradient.
 
+        ``owns``: when given, only buckets for which it returns True are touched (a distributed
+        rank updates the buckets it owns; see :mod:`soap_kernels.distributed`).
         Returns the parameters initialised this step and, per bucket, the rows updated.
         """
         initialized: list[Tensor] = []
         updated: list[tuple[Bucket, list[int]]] = []
         for gi, bucket in self.buckets:
+            if owns is not None and not owns(bucket):
+                continue
             group = param_groups[gi]
             rows_new, grads_new, rows_upd, grads_upd = [], [], [], []
             for row, p in enumerate(bucket.params):
