@@ -15,11 +15,18 @@ an eigenbasis ``Q_i[B, d_i, d_i]`` and the statistics *in the rotated frame*
 The reference's per-parameter state (``step``, ``exp_avg``, ``exp_avg_sq``, ``GG``, ``Q``) is
 exported and imported by :meth:`Bucket.export_row` / :meth:`Bucket.import_row`, so checkpoints move
 between backends.
+
+Failed factorisations (the reference's policy, :mod:`soap_kernels.reference`): a refresh or
+re-orthonormalisation whose QR raises or returns non-finite values for some rows is redone for those
+rows in float64 with the plain ops; rows that fail again keep their previous basis (identity
+permutation and mixing, so the moments stay as they are) and are reported through
+``Bucket.on_failure``. The check reads one flag back to the host per refresh call (not per step).
 """
 
 from __future__ import annotations
 
 import math
+import warnings
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -34,6 +41,15 @@ __all__ = ["Bucket", "BatchedEngine", "bucket_key"]
 # A basis is a product of orthogonal factors; re-orthonormalise it every this many refreshes.
 # The error grows by about one fp32 rounding per refresh, so this bounds ||QᵀQ − I|| near 1e-6.
 REORTHONORMALIZE_EVERY = 8
+
+# ``on_failure(param, working dim, what)``: told when a factorisation failed in fp32 and fp64 and
+# the previous basis was kept (the identity at the first step). ``None``: a RuntimeWarning.
+FailureHook = Callable[[Tensor, int, str], None]
+
+
+def _finite_rows(x: Tensor) -> Tensor:
+    """``[R]`` bool: whether each matrix of a ``[R, d, d]`` batch is entirely finite."""
+    return torch.isfinite(x).flatten(1).all(dim=1)
 
 
 def bucket_key(param: Tensor, layout: Layout) -> tuple:
@@ -51,6 +67,10 @@ class Bucket:
         self.precision = precision
         self.layout = layout
         self.second_moment = second_moment
+        # The dtype the bucket was built for (part of its key): a parameter cast since then is moved
+        # to a new bucket by the optimizer.
+        self.dtype = params[0].dtype
+        self.on_failure: FailureHook | None = None
         count = len(params)
         device = params[0].device
         f32 = {"device": device, "dtype": torch.float32}
@@ -85,6 +105,14 @@ class Bucket:
     @property
     def factor_dims(self) -> list[int]:
         return [i for i, q in enumerate(self.q) if q is not None]
+
+    def report_failure(self, row: int, dim: int, what: str) -> None:
+        """A factorisation of (``row``, working ``dim``) failed twice; its previous basis was kept."""
+        if self.on_failure is not None:
+            self.on_failure(self.params[row], dim, what)
+        else:
+            warnings.warn(f"SOAP: {what} (parameter of shape {self.layout.shape}, working dim {dim})",
+                          RuntimeWarning, stacklevel=3)
 
     def row_state(self, row: int) -> dict[str, Any]:
         """Live views of one row's state under the reference's names (``GG`` is derived)."""
@@ -154,7 +182,8 @@ class Bucket:
                 if q is None:
                     continue
                 gg = reference.gram(grad_work, i).mul_(1.0 - shampoo_beta)
-                basis = reference.eigenbasis(gg)
+                basis = reference.initial_basis(
+                    gg, i, layout.shape, lambda dim, what, row=row: self.report_failure(row, dim, what))
                 q[row].copy_(basis)
                 s[row].copy_(basis.T @ gg @ basis)
             self.exp_avg[row].zero_()
@@ -302,19 +331,20 @@ class Bucket:
             if triton_refresh:
                 from . import triton as tk
 
-                perm, q_mix = tk.refresh_factor(stats, q)
+                perm, q_mix = self._guarded_refresh(tk.refresh_factor, stats, q, rows, dim)
             else:
-                perm, q_mix = ops.refresh_factor(stats, q)
+                perm, q_mix = self._guarded_refresh(ops.refresh_factor, stats, q, rows, dim)
             counts = self.refresh_count[dim]
             for r in rows:
                 counts[r] += 1
             due = [k for k, r in enumerate(rows) if counts[r] % REORTHONORMALIZE_EVERY == 0]
             if len(due) == len(rows):
-                (tk.reorthonormalize_ if triton_refresh else ops.reorthonormalize_)(q)
+                self._guarded_reorthonormalize(tk.reorthonormalize_ if triton_refresh else ops.reorthonormalize_,
+                                               q, rows, dim)
             elif due:
                 sub = torch.tensor(due, device=q.device)
                 q_due = q.index_select(0, sub)
-                ops.reorthonormalize_(q_due)
+                self._guarded_reorthonormalize(ops.reorthonormalize_, q_due, [rows[k] for k in due], dim)
                 q.index_copy_(0, sub, q_due)
             if triton_refresh:
                 tk.refresh_moments_(self.exp_avg, self.exp_avg_sq, perm, q_mix, axis=dim + 1)
@@ -331,6 +361,71 @@ class Bucket:
                 self.stats[dim].index_copy_(0, index, stats)
                 self.exp_avg.index_copy_(0, index, new_exp_avg)
                 self.exp_avg_sq.index_copy_(0, index, new_exp_avg_sq)
+
+    def _guarded_refresh(self, refresh: Callable[[Tensor, Tensor], tuple[Tensor, Tensor]], stats: Tensor,
+                         q: Tensor, rows: list[int], dim: int) -> tuple[Tensor, Tensor]:
+        """``refresh(stats, q)`` (in place, returns ``(perm, q_mix)``) such that no failed
+        factorisation reaches ``q``: failed rows are redone in float64 with the plain ops, and rows
+        that fail again keep ``q``/``stats`` with the identity ``perm``/``q_mix``."""
+        saved_stats, saved_q = stats.clone(), q.clone()
+        try:
+            perm, q_mix = refresh(stats, q)
+            failed = ~(_finite_rows(q) & _finite_rows(q_mix))
+            if not bool(failed.any()):  # the one host read of a refresh
+                return perm, q_mix
+        except RuntimeError:  # e.g. torch.linalg.LinAlgError from a Cholesky or QR
+            stats.copy_(saved_stats)
+            q.copy_(saved_q)
+            count, d = q.shape[0], q.shape[-1]
+            perm = torch.arange(d, device=q.device).expand(count, d).clone()
+            q_mix = torch.eye(d, device=q.device, dtype=q.dtype).expand(count, d, d).clone()
+            failed = torch.ones(count, dtype=torch.bool, device=q.device)
+        self._redo_failed_refresh(failed, saved_stats, saved_q, stats, q, perm, q_mix, rows, dim)
+        return perm, q_mix
+
+    def _redo_failed_refresh(self, failed: Tensor, saved_stats: Tensor, saved_q: Tensor, stats: Tensor, q: Tensor,
+                             perm: Tensor, q_mix: Tensor, rows: list[int], dim: int) -> None:
+        index = failed.nonzero().squeeze(1)
+        stats64, q64 = saved_stats[index].double(), saved_q[index].double()
+        try:
+            perm64, mix64 = ops.refresh_factor(stats64, q64)
+            ok64 = (_finite_rows(q64) & _finite_rows(mix64) & _finite_rows(stats64)).tolist()
+        except RuntimeError:
+            ok64 = [False] * len(index)
+        d = q.shape[-1]
+        for j, k in enumerate(index.tolist()):
+            if ok64[j]:
+                stats[k], q[k], perm[k], q_mix[k] = stats64[j], q64[j], perm64[j], mix64[j]
+                continue
+            stats[k], q[k] = saved_stats[k], saved_q[k]
+            perm[k] = torch.arange(d, device=q.device)
+            q_mix[k] = torch.eye(d, device=q.device, dtype=q_mix.dtype)
+            self.report_failure(rows[k], dim, "eigenbasis refresh (QR) failed in float32 and float64; "
+                                "kept the previous basis")
+
+    def _guarded_reorthonormalize(self, reorthonormalize: Callable[[Tensor], None], q: Tensor, rows: list[int],
+                                  dim: int) -> None:
+        """``reorthonormalize(q)`` in place; rows where it fails are redone in float64, or kept as
+        they are (a finite basis a few roundings from orthonormal) if that fails too."""
+        saved = q.clone()
+        try:
+            reorthonormalize(q)
+            failed = ~_finite_rows(q)
+            if not bool(failed.any()):
+                return
+        except RuntimeError:
+            failed = torch.ones(q.shape[0], dtype=torch.bool, device=q.device)
+        for k in failed.nonzero().squeeze(1).tolist():
+            q64 = saved[k : k + 1].double()
+            try:
+                ops.reorthonormalize_(q64)
+                ok = bool(_finite_rows(q64).all())
+            except RuntimeError:
+                ok = False
+            q[k] = q64[0] if ok else saved[k]
+            if not ok:
+                self.report_failure(rows[k], dim, "re-orthonormalisation of the eigenbasis (QR) failed in float32 "
+                                    "and float64; kept the basis as it was")
 
     def _permute_second_moment(self, exp_avg_sq: Tensor, dim: int, perm: Tensor) -> Tensor:
         if self.second_moment == "adam":
@@ -382,6 +477,8 @@ class BatchedEngine:
         self.buckets: list[tuple[int, Bucket]] = []  # (group index, bucket)
         self.where: dict[Tensor, tuple[Bucket, int]] = {}
         self.signature: tuple | None = None
+        # Given to every bucket: told about factorisations that failed twice (see Bucket.on_failure).
+        self.on_failure: FailureHook | None = None
 
     def build(self, param_groups: list[dict], layout_of: Callable[[Tensor, dict], Layout],
               states: dict[Tensor, dict]) -> None:
@@ -395,6 +492,7 @@ class BatchedEngine:
                 by_key.setdefault(bucket_key(p, layout), []).append(p)
             for (layout, _, _), params in by_key.items():
                 bucket = Bucket(params, layout, self.second_moment, self.kernels, self.precision)
+                bucket.on_failure = self.on_failure
                 for row, p in enumerate(params):
                     self.where[p] = (bucket, row)
                     if states.get(p):

@@ -5,12 +5,19 @@ DESIGN §1, :mod:`soap_kernels.reference`) or the batched engine (:mod:`soap_ker
 hot ops may run in Triton or native code). Whatever the backend, ``state_dict()`` holds per
 parameter the reference's state (``step``, ``exp_avg``, ``exp_avg_sq``, ``GG``, ``Q``) in the
 reference's frames, so a checkpoint saved with one backend loads into another.
+
+Reliability: every check that can reject a step runs before anything is modified (hyperparameters,
+gradient layout, a parameter resized or moved since its state was made, non-finite gradients), and
+a factorisation that fails keeps the previous basis (see :mod:`soap_kernels.reference`).
 """
 
 from __future__ import annotations
 
+import copy
 import math
 import numbers
+import os
+import warnings
 from collections.abc import Callable, Iterable
 from typing import Any
 
@@ -28,6 +35,7 @@ BACKENDS = ("auto", "reference", "torch", "triton", "cuda")
 DATA_FORMATS = ("channels_first", "channels_last")
 SECOND_MOMENTS = ("adam", "adafactor")
 PRECISIONS = ("fp32", "tf32", "bf16")
+NONFINITE = ("raise", "skip", "off")
 # Version of the state_dict layout; a newer one is refused with a clear message.
 STATE_FORMAT = 1
 
@@ -74,20 +82,57 @@ def _materialize(params: Any) -> list:
     """Lists instead of one-shot iterables (``model.parameters()``), so they can be read twice."""
     if isinstance(params, Tensor):
         return [params]
+    if isinstance(params, (str, bytes, dict)) or not isinstance(params, Iterable):
+        raise TypeError(f"params must be an iterable of tensors or of param-group dicts, got {type(params).__name__}")
     items = list(params)
+    for i, g in enumerate(items):
+        if isinstance(g, dict):
+            if "params" not in g:
+                raise ValueError(f"param group {i} has no 'params' entry")
+            if not isinstance(g["params"], (Tensor, Iterable)) or isinstance(g["params"], (str, bytes, dict)):
+                raise TypeError(f"param group {i}: 'params' must be a tensor or an iterable of tensors, "
+                                f"got {type(g['params']).__name__}")
+        elif not isinstance(g, Tensor):
+            raise TypeError(f"params[{i}] is a {type(g).__name__}: SOAP optimizes tensors (or param-group dicts)")
     return [{**g, "params": list(g["params"]) if not isinstance(g["params"], Tensor) else [g["params"]]}
             if isinstance(g, dict) else g for g in items]
 
 
+def _device_problem(devices: Iterable[torch.device], backend: str, interpreted: bool) -> str | None:
+    """Why parameters on ``devices`` cannot run on ``backend``, or ``None``.
+
+    The reference and torch backends run any mix of devices (one bucket per device). Compiled Triton
+    kernels read CUDA memory only; under the interpreter (``TRITON_INTERPRET=1``) they read CPU
+    tensors only.
+    """
+    if backend != "triton":
+        return None
+    wanted = "cpu" if interpreted else "cuda"
+    for device in devices:
+        if device.type != wanted:
+            how = "the Triton interpreter (TRITON_INTERPRET=1) runs CPU tensors" if interpreted else \
+                "compiled Triton kernels run CUDA tensors"
+            return f"backend='triton' cannot update a parameter on {device}: {how} only; use backend='torch'"
+    return None
+
+
+def _triton_interpreted() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+
+
 def params_device(params: list) -> torch.device | None:
+    """The parameters' device; ``None`` when there are none or they span several devices."""
+    found = None
     for item in params:
         tensors = item["params"] if isinstance(item, dict) else [item]
         if isinstance(tensors, Tensor):
             tensors = [tensors]
         for t in tensors:
             if isinstance(t, Tensor):
-                return t.device
-    return None
+                if found is not None and t.device != found:
+                    return None
+                found = t.device
+    return found
 
 
 def _resolve_backend(backend: str, device: torch.device | None = None) -> str:
@@ -128,6 +173,14 @@ class SOAP(torch.optim.Optimizer):
             paper's equivalence).
         rotation_precision: ``"fp32"`` (default), or ``"tf32"``/``"bf16"`` tensor-core rotation
             GEMMs (``backend="triton"``); statistics and refreshes stay fp32 or better.
+        nonfinite: what a step does when a gradient holds a NaN or an inf. ``"raise"`` (default): a
+            ``ValueError`` naming the parameter, nothing modified. ``"skip"``: the whole step is
+            skipped for every parameter, as ``torch.amp.GradScaler`` does, and counted in
+            ``skipped_steps`` (also saved in ``state_dict()``). ``"off"``: no check (no host
+            synchronisation, e.g. for CUDA-graph capture); a non-finite gradient then poisons the
+            state, as in the reference. The check is one fused max-|g| reduction per (device,
+            dtype) and one host read per step; with ``GradScaler`` the scaler has already skipped
+            non-finite steps, so ``"raise"`` never fires there.
     """
 
     def __init__(
@@ -150,6 +203,7 @@ class SOAP(torch.optim.Optimizer):
         schedule: RefreshSchedule | None = None,
         second_moment: str = "adam",
         rotation_precision: str = "fp32",
+        nonfinite: str = "raise",
     ) -> None:
         defaults = {
             "lr": lr,
@@ -173,30 +227,45 @@ class SOAP(torch.optim.Optimizer):
             raise ValueError(f"Unknown rotation_precision {rotation_precision!r}; choose one of {', '.join(PRECISIONS)}")
         if schedule is not None and not isinstance(schedule, RefreshSchedule):
             raise ValueError(f"schedule must be a soap_kernels.schedules.RefreshSchedule or None, got {schedule!r}")
+        if nonfinite not in NONFINITE:
+            raise ValueError(f"Unknown nonfinite {nonfinite!r}; choose one of {', '.join(NONFINITE)}")
         params = _materialize(params)
         self.backend = _resolve_backend(backend, params_device(params))
         if rotation_precision != "fp32" and self.backend != "triton":
-            raise ValueError(f"rotation_precision={rotation_precision!r} needs backend='triton' (the {self.backend} backend rotates in fp32)")
+            raise ValueError(f"rotation_precision={rotation_precision!r} needs backend='triton' "
+                             f"(the {self.backend} backend rotates in fp32)")
         self.rotation_precision = rotation_precision
         self.data_format = data_format
         self.second_moment = second_moment
         self.schedule = schedule
+        self.nonfinite = nonfinite
+        self.skipped_steps = 0  # steps skipped for a non-finite gradient (nonfinite="skip")
+        self.factorization_failures = 0  # factorisations that failed twice (previous basis kept)
+        self._warned: set[int] = set()  # ids of parameters already warned about
         self._updates = 0  # optimizer-wide update count: the schedule's t
         kernels = "triton" if self.backend == "triton" else "torch"
         self._engine = None if self.backend == "reference" else BatchedEngine(second_moment, kernels, rotation_precision)
+        if self._engine is not None:
+            self._engine.on_failure = self._factorization_failed
         self._signature: tuple | None = None
         super().__init__(params, defaults)
-        for group in self.param_groups:
-            for p in group["params"]:
-                if p.is_complex():
-                    raise ValueError("SOAP does not support complex parameters; view them as real (torch.view_as_real)")
 
     # ------------------------------------------------------------------------------ groups
     def add_param_group(self, param_group: dict[str, Any]) -> None:
+        if not isinstance(param_group, dict):
+            raise TypeError(f"a param group must be a dict, got {type(param_group).__name__}")
         super().add_param_group(param_group)
         group = self.param_groups[-1]
+        where = f"param group {len(self.param_groups) - 1}"
         try:
-            _check_hyperparameters(group, f"param group {len(self.param_groups) - 1}")
+            _check_hyperparameters(group, where)
+            for pi, p in enumerate(group["params"]):
+                if p.is_complex():
+                    raise ValueError(f"{where}, parameter {pi}: SOAP does not support complex parameters; "
+                                     "view them as real (torch.view_as_real)")
+            problem = _device_problem((p.device for p in group["params"]), self.backend, _triton_interpreted())
+            if problem:
+                raise ValueError(f"{where}: {problem}")
         except ValueError:
             self.param_groups.pop()
             raise
@@ -239,21 +308,114 @@ class SOAP(torch.optim.Optimizer):
 
     # ------------------------------------------------------------------------------ step
     def _check_before_step(self) -> None:
-        """Every check that can reject a step, done before anything is modified."""
+        """Every check that can reject a step, done before anything is modified.
+
+        (One thing may change: buckets built for a parameter that has since been cast to another
+        dtype, or resized/moved before it had any state, are marked for a rebuild, which keeps the
+        state exactly.)"""
+        interpreted = _triton_interpreted()
         for gi, group in enumerate(self.param_groups):
             _check_hyperparameters(group, f"param group {gi}")
-            for p in group["params"]:
+            for pi, p in enumerate(group["params"]):
                 grad = p.grad
                 if grad is None:
                     continue
+                where = f"parameter {pi} of param group {gi} (shape {tuple(p.shape)})"
+                if not isinstance(grad, Tensor):
+                    raise ValueError(f"{where}: .grad must be a tensor, got {type(grad).__name__}")
                 if grad.is_sparse:
-                    raise ValueError("SOAP does not support sparse gradients; use dense gradients (e.g. sparse=False in nn.Embedding)")
+                    raise ValueError(f"{where}: SOAP does not support sparse gradients; use dense gradients "
+                                     "(e.g. sparse=False in nn.Embedding)")
                 if grad.is_complex():
-                    raise ValueError("SOAP does not support complex gradients")
+                    raise ValueError(f"{where}: SOAP does not support complex gradients")
                 if grad.shape != p.shape:
-                    raise ValueError(f"gradient of shape {tuple(grad.shape)} does not match its parameter of shape {tuple(p.shape)}")
+                    raise ValueError(f"{where}: gradient of shape {tuple(grad.shape)} does not match its parameter")
                 if grad.device != p.device:
-                    raise ValueError(f"gradient on {grad.device} but parameter on {p.device}")
+                    raise ValueError(f"{where}: gradient on {grad.device} but parameter on {p.device}")
+                self._check_geometry(p, where)
+                if self.backend == "triton":
+                    problem = _device_problem((p.device,), self.backend, interpreted)
+                    if problem:
+                        raise ValueError(f"{where}: {problem}")
+
+    def _check_geometry(self, p: Tensor, where: str) -> None:
+        """A parameter resized or moved since its state was made cannot use that state."""
+        if self._engine is None:
+            state = self.state.get(p)
+            if not state or not isinstance(state.get("exp_avg"), Tensor):
+                return
+            shape, device, has_state, dtype = tuple(state["exp_avg"].shape), state["exp_avg"].device, True, p.dtype
+        else:
+            hit = self._engine.where.get(p) if self._signature is not None else None
+            if hit is None:
+                return
+            bucket, row = hit
+            shape, device, has_state, dtype = bucket.layout.shape, bucket.exp_avg.device, bucket.initialized[row], bucket.dtype
+        if tuple(p.shape) == shape and p.device == device:
+            if p.dtype != dtype:
+                self._signature = None  # cast since the buckets were built: rebuild them, state kept
+            return
+        if not has_state:
+            self._signature = None  # no state to lose: its bucket is rebuilt for the new shape/device
+            return
+        if tuple(p.shape) != shape:
+            raise ValueError(f"{where} had shape {shape} when its optimizer state was made (resized in place since?); "
+                             "SOAP's statistics cannot follow a resize. Build a new optimizer for the resized model.")
+        raise ValueError(f"{where} is on {p.device} but its optimizer state is on {device} (moved after the optimizer "
+                         "was made). Move the model first, or move the state with "
+                         "optimizer.load_state_dict(optimizer.state_dict()).")
+
+    def _local_nonfinite_flag(self) -> Tensor:
+        """1.0 if a gradient this process holds has a NaN or an inf, else 0.0 (a 0-dim float32 tensor).
+
+        One fused reduction per (device, dtype) of gradients: ``torch._foreach_norm(ord=inf)``, the
+        max |g|, which propagates NaN and, unlike a sum or a 2-norm, cannot overflow on finite
+        values. No host synchronisation here.
+        """
+        by_kind: dict[tuple, list[Tensor]] = {}
+        for group in self.param_groups:
+            for p in group["params"]:
+                grad = p.grad
+                if grad is not None and grad.numel() > 0:
+                    by_kind.setdefault((grad.device, grad.dtype), []).append(grad)
+        flags = [torch.stack(torch._foreach_norm(grads, math.inf)).isfinite().all().logical_not()
+                 for grads in by_kind.values()]
+        if not flags:
+            return torch.zeros(())
+        device = flags[0].device
+        return torch.stack([f.to(device) for f in flags]).any().float()
+
+    def _nonfinite_step(self, local_flag: Tensor) -> bool:
+        """Whether this step has a non-finite gradient, from this process's ``local_flag``
+        (:meth:`_local_nonfinite_flag`). The one host read of the check. A distributed subclass
+        all-reduces the flag (MAX) first, so that every rank takes the same decision."""
+        return bool(local_flag.item())
+
+    def _nonfinite_error(self) -> ValueError:
+        advice = ("nothing was modified. SOAP(..., nonfinite='skip') skips such steps instead (as "
+                  "torch.amp.GradScaler does); or find where the overflow starts.")
+        for gi, group in enumerate(self.param_groups):
+            for pi, p in enumerate(group["params"]):
+                grad = p.grad
+                if grad is None or bool(torch.isfinite(grad).all()):
+                    continue
+                nans, infs = int(torch.isnan(grad).sum()), int(torch.isinf(grad).sum())
+                return ValueError(f"non-finite gradient for parameter {pi} of param group {gi} (shape "
+                                  f"{tuple(p.shape)}): {nans} NaN and {infs} inf of {grad.numel()} values; {advice}")
+        return ValueError(f"a non-finite gradient was found on another process; {advice}")
+
+    def _factorization_failed(self, p: Tensor, dim: int, what: str) -> None:
+        """A factorisation of ``p`` failed in fp32 and fp64 and its previous basis was kept: warn
+        once per parameter (the count goes on in ``factorization_failures``)."""
+        self.factorization_failures += 1
+        if id(p) in self._warned:
+            return
+        self._warned.add(id(p))
+        where = next((f"parameter {pi} of param group {gi}" for gi, g in enumerate(self.param_groups)
+                      for pi, q in enumerate(g["params"]) if q is p), "a parameter")
+        warnings.warn(f"SOAP: {what} for {where} (shape {tuple(p.shape)}), working dim {dim}. Warned once per "
+                      "parameter; NaN/inf statistics (an overflowing gradient) are the usual cause.",
+                      RuntimeWarning, stacklevel=2)
 
     @torch.no_grad()
     def step(self, closure: Callable[[], Any] | None = None, *, loss: Any = None) -> Any:
@@ -273,6 +435,11 @@ class SOAP(torch.optim.Optimizer):
                 loss_value = float(loss)
             except (TypeError, ValueError, RuntimeError) as err:
                 raise ValueError(f"the loss must be a number or a one-element tensor, got {type(loss).__name__}") from err
+        if self.nonfinite != "off" and self._nonfinite_step(self._local_nonfinite_flag()):
+            if self.nonfinite == "raise":
+                raise self._nonfinite_error()
+            self.skipped_steps += 1
+            return loss
         if self.backend == "reference":
             self._reference_step(loss_value)
         else:
@@ -287,11 +454,12 @@ class SOAP(torch.optim.Optimizer):
                     continue
                 layout = self.layout_of(p, group)
                 state = self.state[p]
+                on_failure = self._reference_failure_hook(p)
                 if "Q" not in state:
-                    state.update(reference.init_state(p.grad, layout, group, self.second_moment))
+                    state.update(reference.init_state(p.grad, layout, group, self.second_moment, on_failure))
                     continue
                 refresh = None if self.schedule is None else False
-                reference.update_param(p, p.grad, state, layout, group, refresh, self.second_moment)
+                reference.update_param(p, p.grad, state, layout, group, refresh, self.second_moment, on_failure)
                 updated.append((p, state, layout))
         if self.schedule is None or not updated:
             return
@@ -303,13 +471,16 @@ class SOAP(torch.optim.Optimizer):
                                  dtype=torch.float64)
             cost = torch.tensor([_refresh_cost(layout, i) for _, _, layout, i in factors], dtype=torch.float64)
         decision = self.schedule.decide(self._updates, loss=loss_value, drift=drift, cost=cost)
-        chosen: dict[int, tuple[dict, Layout, set[int]]] = {}
+        chosen: dict[int, tuple[Tensor, dict, Layout, set[int]]] = {}
         updated_ids = {id(p) for p, _, _ in updated}
         for k, (p, state, layout, i) in enumerate(factors):
             if id(p) in updated_ids and _selected(decision, k):
-                chosen.setdefault(id(p), (state, layout, set()))[2].add(i)
-        for state, layout, dims in chosen.values():
-            reference.refresh_param(state, layout, dims, self.second_moment)
+                chosen.setdefault(id(p), (p, state, layout, set()))[3].add(i)
+        for p, state, layout, dims in chosen.values():
+            reference.refresh_param(state, layout, dims, self.second_moment, self._reference_failure_hook(p))
+
+    def _reference_failure_hook(self, p: Tensor) -> reference.FailureHook:
+        return lambda dim, what: self._factorization_failed(p, dim, what)
 
     def _reference_factors(self):
         """Every factor as (param, state, layout, working dim), in (group, parameter, dim) order,
@@ -408,6 +579,7 @@ class SOAP(torch.optim.Optimizer):
             "second_moment": self.second_moment,
             "data_format": self.data_format,
             "updates": self._updates,
+            "skipped_steps": self.skipped_steps,
             "schedule": None if self.schedule is None else self.schedule.state_dict(),
         }
 
@@ -417,18 +589,37 @@ class SOAP(torch.optim.Optimizer):
             raise ValueError("not an optimizer state_dict: expected a dict with 'state' and 'param_groups'")
         version = state_dict.get("format", STATE_FORMAT)
         if not isinstance(version, int) or version > STATE_FORMAT:
-            raise ValueError(f"state_dict format {version!r} is newer than this soap_kernels (format {STATE_FORMAT}); upgrade soap_kernels")
+            raise ValueError(f"state_dict format {version!r} is newer than this soap_kernels (format {STATE_FORMAT}); "
+                             "upgrade soap_kernels")
         saved_second = state_dict.get("second_moment", "adam")
         if saved_second != self.second_moment:
-            raise ValueError(f"state_dict was saved with second_moment={saved_second!r}, this optimizer uses {self.second_moment!r}")
+            raise ValueError(f"state_dict was saved with second_moment={saved_second!r}, "
+                             f"this optimizer uses {self.second_moment!r}")
         saved_groups = state_dict["param_groups"]
+        if not isinstance(saved_groups, (list, tuple)) or not isinstance(state_dict["state"], dict):
+            raise ValueError("not an optimizer state_dict: 'param_groups' must be a list and 'state' a dict")
         if len(saved_groups) != len(self.param_groups):
             raise ValueError(f"state_dict has {len(saved_groups)} param groups, the optimizer has {len(self.param_groups)}")
+        counters = {}
+        for name in ("updates", "skipped_steps"):
+            value = state_dict.get(name, 0)
+            if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 0:
+                raise ValueError(f"state_dict[{name!r}] must be a non-negative integer, got {value!r}")
+            counters[name] = int(value)
+        schedule_state = state_dict.get("schedule")
+        if self.schedule is not None and schedule_state is not None:
+            try:  # on a copy first: a schedule state that does not fit must not change anything
+                copy.deepcopy(self.schedule).load_state_dict(schedule_state)
+            except (KeyError, TypeError, AttributeError) as err:
+                raise ValueError(f"state_dict['schedule'] does not fit {type(self.schedule).__name__}: {err!r}") from err
         new_groups = []
         params_by_index: dict[int, tuple[Tensor, dict]] = {}
         for gi, (ours, saved) in enumerate(zip(self.param_groups, saved_groups)):
+            if not isinstance(saved, dict) or not isinstance(saved.get("params"), (list, tuple)):
+                raise ValueError(f"state_dict param group {gi} must be a dict with a 'params' list")
             if len(saved["params"]) != len(ours["params"]):
-                raise ValueError(f"param group {gi}: state_dict has {len(saved['params'])} parameters, the optimizer has {len(ours['params'])}")
+                raise ValueError(f"param group {gi}: state_dict has {len(saved['params'])} parameters, "
+                                 f"the optimizer has {len(ours['params'])}")
             group = {**ours, **{k: v for k, v in saved.items() if k != "params"}}
             group["params"] = ours["params"]
             if isinstance(group.get("betas"), list):
@@ -436,6 +627,8 @@ class SOAP(torch.optim.Optimizer):
             _check_hyperparameters(group, f"state_dict param group {gi}")
             new_groups.append(group)
             for idx, p in zip(saved["params"], ours["params"]):
+                if idx in params_by_index:
+                    raise ValueError(f"state_dict lists parameter {idx!r} twice")
                 params_by_index[idx] = (p, group)
         loaded: dict[Tensor, dict] = {}
         for idx, saved_state in state_dict["state"].items():
@@ -447,9 +640,10 @@ class SOAP(torch.optim.Optimizer):
         for ours, new in zip(self.param_groups, new_groups):
             ours.clear()
             ours.update(new)
-        self._updates = int(state_dict.get("updates", 0))
-        if self.schedule is not None and state_dict.get("schedule") is not None:
-            self.schedule.load_state_dict(state_dict["schedule"])
+        self._updates = counters["updates"]
+        self.skipped_steps = counters["skipped_steps"]
+        if self.schedule is not None and schedule_state is not None:
+            self.schedule.load_state_dict(schedule_state)
         self.state.clear()
         for p, s in loaded.items():
             self.state[p] = s
@@ -476,7 +670,8 @@ class SOAP(torch.optim.Optimizer):
             if not isinstance(value, Tensor):
                 raise ValueError(f"{where}: {name} must be a tensor, got {type(value).__name__}")
             if tuple(value.shape) != tuple(shape):
-                raise ValueError(f"{where}: {name} has shape {tuple(value.shape)}, expected {tuple(shape)} (a state_dict from another model?)")
+                raise ValueError(f"{where}: {name} has shape {tuple(value.shape)}, expected {tuple(shape)} "
+                                 "(a state_dict from another model?)")
             if not torch.isfinite(value).all():
                 raise ValueError(f"{where}: {name} holds non-finite values")
             return value.detach().to(device=p.device, dtype=torch.float32).clone()
@@ -490,7 +685,8 @@ class SOAP(torch.optim.Optimizer):
         for name in ("GG", "Q"):
             factors = saved[name]
             if not isinstance(factors, (list, tuple)) or len(factors) != len(layout.preconditioned):
-                raise ValueError(f"{where}: {name} must list {len(layout.preconditioned)} factors for working shape {layout.work_shape}")
+                raise ValueError(f"{where}: {name} must list {len(layout.preconditioned)} factors for working shape "
+                                 f"{layout.work_shape}")
             converted = []
             for i, (f, d, pre) in enumerate(zip(factors, layout.work_shape, layout.preconditioned)):
                 if not pre:
@@ -499,6 +695,8 @@ class SOAP(torch.optim.Optimizer):
                     converted.append(reference.NOT_PRECONDITIONED)
                 else:
                     converted.append(tensor(f"{name}[{i}]", f, (d, d)))
+                    if name == "Q":
+                        _check_orthonormal(converted[-1], f"{where}: Q[{i}]")
             out[name] = converted
         # The batched engine's private extras, when the checkpoint came from it.
         extras = saved.get("GG_eigenbasis")
@@ -510,6 +708,16 @@ class SOAP(torch.optim.Optimizer):
             counts = saved.get("Q_refreshes", [0] * len(layout.preconditioned))
             out["Q_refreshes"] = [int(c) for c in counts]
         return out
+
+
+def _check_orthonormal(q: Tensor, where: str) -> None:
+    """A loaded eigenbasis must be orthonormal; probed with a few vectors (O(d²), not O(d³)), since
+    every basis SOAP or soap.py writes is one to fp32 rounding and a corrupt one spoils every step."""
+    probe = torch.randn(q.shape[0], 4, generator=torch.Generator().manual_seed(0), dtype=torch.float64).to(q.device)
+    q64 = q.double()
+    err = float((q64.T @ (q64 @ probe) - probe).abs().max() / probe.abs().max())
+    if not err <= 1e-2:
+        raise ValueError(f"{where} is not orthonormal (|QᵀQx − x| / |x| = {err:.2e}): a corrupted checkpoint?")
 
 
 def _copy_state(state: dict) -> dict:

@@ -14,7 +14,15 @@ Deliberate differences from ``soap.py``, all documented in the README:
 * state and math are fp32 for bf16/fp16 parameters (the result is written back in the parameter's
   dtype once per step);
 * ``second_moment="adafactor"`` (Shampoo with exponent 1/2, by the paper's equivalence) is offered
-  as a mode of the same algorithm.
+  as a mode of the same algorithm;
+* a factorisation that fails (``eigh``/``qr`` raising, or returning non-finite values, e.g. from
+  NaN/inf statistics) is retried in float64, and if that fails too the previous basis is kept (the
+  identity at the first step) and the caller is told (``on_failure``), so a NaN never reaches
+  ``Q``. The first attempt is exactly ``soap.py``'s (fp32, ``+1e-30·I`` for ``eigh``); only the
+  retry differs: fp64, and for ``eigh`` a jitter ``RETRY_JITTER·trace(GG)/d·I`` relative to the
+  factor's mean eigenvalue (``soap.py``'s absolute ``1e-30`` is below fp32's resolution of any
+  non-zero factor; a shift leaves the eigenvectors unchanged in exact arithmetic, so the jitter only
+  conditions the rounding). The QR retry adds no jitter: Householder QR cannot fail on finite input.
 
 Nothing here is clever or batched on purpose.
 """
@@ -22,7 +30,8 @@ Nothing here is clever or batched on purpose.
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+import warnings
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
@@ -37,6 +46,9 @@ __all__ = [
     "project",
     "project_back",
     "eigenbasis",
+    "try_eigenbasis",
+    "try_qr",
+    "initial_basis",
     "init_state",
     "update_param",
     "refresh_param",
@@ -45,6 +57,14 @@ __all__ = [
 
 # A factor that is not preconditioned is stored as an empty list, as in the reference's state.
 NOT_PRECONDITIONED: list = []
+
+# The jitter of the float64 retry of a failed eigh, relative to the factor's mean eigenvalue
+# (trace / d): about 4500 fp64 ulps of it, far below anything fp32 statistics resolve.
+RETRY_JITTER = 1e-12
+
+# ``on_failure(dim, what)``: told when the factorisation of working dim ``dim`` failed in fp32 and
+# fp64 and the previous basis was kept. ``None``: a RuntimeWarning naming the parameter's shape.
+FailureHook = Callable[[int, str], None]
 
 
 class Layout:
@@ -159,15 +179,72 @@ def project_back(x: Tensor, q: Sequence[Any]) -> Tensor:
     return x
 
 
-def eigenbasis(gg: Tensor) -> Tensor:
-    """Eigenvectors of a factor by descending eigenvalue (``eigh``, retried in fp64 on failure)."""
+def _finite(x: Tensor) -> bool:
+    return bool(torch.isfinite(x).all())
+
+
+def try_eigenbasis(gg: Tensor) -> Tensor | None:
+    """Eigenvectors of a factor by descending eigenvalue, or ``None`` if ``eigh`` fails twice.
+
+    First ``soap.py``'s call (``eigh(GG + 1e-30·I)`` in ``GG``'s dtype); if it raises or returns
+    non-finite values, ``eigh`` in float64 with the relative jitter ``RETRY_JITTER·trace/d``.
+    """
     jitter = 1e-30 * torch.eye(gg.shape[0], device=gg.device, dtype=gg.dtype)
     try:
         _, q = lapack.eigh(gg + jitter)
+        if _finite(q):
+            return torch.flip(q, [1])
+    except RuntimeError:  # torch.linalg.LinAlgError (no convergence) is a RuntimeError
+        pass
+    g64 = gg.double()
+    if not _finite(g64):
+        return None  # NaN/inf statistics: no basis can be computed from them
+    d = g64.shape[0]
+    scale = float(torch.diagonal(g64).sum()) / max(d, 1)
+    g64.diagonal().add_(RETRY_JITTER * scale if scale > 0 else 0.0)
+    try:
+        _, q = lapack.eigh(g64)
     except RuntimeError:
-        _, q = lapack.eigh(gg.double() + jitter.double())
-        q = q.to(gg.dtype)
-    return torch.flip(q, [1])
+        return None
+    q = q.to(gg.dtype)
+    return torch.flip(q, [1]) if _finite(q) else None
+
+
+def eigenbasis(gg: Tensor) -> Tensor:
+    """Eigenvectors of a factor by descending eigenvalue (``eigh``, retried in fp64 on failure).
+
+    If both attempts fail the identity is returned (no basis to keep yet: plain Adam in the
+    parameter's own coordinates until the next refresh); :func:`try_eigenbasis` tells the failure.
+    """
+    q = try_eigenbasis(gg)
+    return torch.eye(gg.shape[0], device=gg.device, dtype=gg.dtype) if q is None else q
+
+
+def try_qr(x: Tensor) -> Tensor | None:
+    """``qr(x).Q`` as ``soap.py`` computes it, retried in float64 if it raises or returns non-finite
+    values; ``None`` if both fail (the caller keeps its previous basis)."""
+    try:
+        q = lapack.qr(x)[0]
+        if _finite(q):
+            return q
+    except RuntimeError:
+        pass
+    x64 = x.double()
+    if not _finite(x64):
+        return None
+    try:
+        q = lapack.qr(x64)[0].to(x.dtype)
+    except RuntimeError:
+        return None
+    return q if _finite(q) else None
+
+
+def _report(on_failure: FailureHook | None, dim: int, shape: Sequence[int], what: str) -> None:
+    if on_failure is not None:
+        on_failure(dim, what)
+    else:
+        warnings.warn(f"SOAP: {what} (parameter of shape {tuple(shape)}, working dim {dim})", RuntimeWarning,
+                      stacklevel=4)
 
 
 def _shampoo_beta(group: dict) -> float:
@@ -180,10 +257,12 @@ def _accumulate_statistics(state: dict, grad_work: Tensor, shampoo_beta: float) 
             gg.lerp_(gram(grad_work, i), 1.0 - shampoo_beta)
 
 
-def _refresh(state: dict, layout: Layout, dims: set[int] | None = None) -> None:
+def _refresh(state: dict, layout: Layout, dims: set[int] | None = None,
+             on_failure: FailureHook | None = None) -> None:
     """Sort eigenvalue estimates, permute ``exp_avg_sq``, power step + QR (reference order).
 
-    ``dims``: the factors to refresh (``None``: all of them)."""
+    ``dims``: the factors to refresh (``None``: all of them). A factor whose QR fails (see
+    :func:`try_qr`) keeps its basis and its ``exp_avg_sq`` order."""
     exp_avg_sq = layout.to_work(state["exp_avg_sq"])
     new_q = []
     for i, (gg, q) in enumerate(zip(state["GG"], state["Q"])):
@@ -192,15 +271,24 @@ def _refresh(state: dict, layout: Layout, dims: set[int] | None = None) -> None:
             continue
         est_eig = torch.diag(q.T @ gg @ q)
         order = torch.argsort(est_eig, descending=True)
-        exp_avg_sq = exp_avg_sq.index_select(i, order)
         power_iter = gg @ q[:, order]
-        new_q.append(lapack.qr(power_iter)[0])
+        q_new = try_qr(power_iter)
+        if q_new is None:
+            _report(on_failure, i, layout.shape, "eigenbasis refresh (QR) failed in float32 and float64; "
+                    "kept the previous basis")
+            new_q.append(q)
+            continue
+        exp_avg_sq = exp_avg_sq.index_select(i, order)
+        new_q.append(q_new)
     state["exp_avg_sq"] = layout.from_work(exp_avg_sq).contiguous()
     state["Q"] = new_q
 
 
-def init_state(grad: Tensor, layout: Layout, group: dict, second_moment: str = "adam") -> dict:
-    """The first step with a gradient: statistics from ``g`` and their eigenbasis; no update."""
+def init_state(grad: Tensor, layout: Layout, group: dict, second_moment: str = "adam",
+               on_failure: FailureHook | None = None) -> dict:
+    """The first step with a gradient: statistics from ``g`` and their eigenbasis; no update.
+
+    A factor whose ``eigh`` fails in fp32 and fp64 starts from the identity basis."""
     grad = grad.float()
     state: dict[str, Any] = {"step": 0}
     state["exp_avg"] = torch.zeros_like(grad, memory_format=torch.contiguous_format)
@@ -210,8 +298,19 @@ def init_state(grad: Tensor, layout: Layout, group: dict, second_moment: str = "
         for d, pre in zip(layout.work_shape, layout.preconditioned)
     ]
     _accumulate_statistics(state, layout.to_work(grad), _shampoo_beta(group))
-    state["Q"] = [eigenbasis(gg) if len(gg) > 0 else NOT_PRECONDITIONED for gg in state["GG"]]
+    state["Q"] = [initial_basis(gg, i, layout.shape, on_failure) if len(gg) > 0 else NOT_PRECONDITIONED
+                  for i, gg in enumerate(state["GG"])]
     return state
+
+
+def initial_basis(gg: Tensor, dim: int, shape: Sequence[int], on_failure: FailureHook | None = None) -> Tensor:
+    """:func:`eigenbasis` of a first step's factor; a double failure is reported, the identity used."""
+    q = try_eigenbasis(gg)
+    if q is None:
+        _report(on_failure, dim, shape, "initial eigendecomposition (eigh) failed in float32 and float64; "
+                "started from the identity basis")
+        return torch.eye(gg.shape[0], device=gg.device, dtype=gg.dtype)
+    return q
 
 
 def _zero_second_moment(grad: Tensor, layout: Layout, second_moment: str) -> Tensor:
@@ -249,7 +348,8 @@ def _adafactor_denominator(state: dict, layout: Layout, rotated: Tensor, beta2: 
 
 @torch.no_grad()
 def update_param(param: Tensor, grad: Tensor, state: dict, layout: Layout, group: dict,
-                 refresh: bool | None = None, second_moment: str = "adam") -> None:
+                 refresh: bool | None = None, second_moment: str = "adam",
+                 on_failure: FailureHook | None = None) -> None:
     """One SOAP step for one parameter that already has state (DESIGN §1, step 3 and 4).
 
     ``refresh=None`` applies the reference's rule (``step % precondition_frequency == 0``); a bool
@@ -299,17 +399,18 @@ def update_param(param: Tensor, grad: Tensor, state: dict, layout: Layout, group
     if refresh is None:
         refresh = step % group["precondition_frequency"] == 0
     if refresh:
-        (_refresh if second_moment == "adam" else _refresh_adafactor)(state, layout)
+        (_refresh if second_moment == "adam" else _refresh_adafactor)(state, layout, None, on_failure)
     state["exp_avg"] = layout.from_work(project(exp_avg_orig, state["Q"])).contiguous()
 
 
 @torch.no_grad()
-def refresh_param(state: dict, layout: Layout, dims: set[int], second_moment: str = "adam") -> None:
+def refresh_param(state: dict, layout: Layout, dims: set[int], second_moment: str = "adam",
+                  on_failure: FailureHook | None = None) -> None:
     """Refresh the factors ``dims`` of a parameter outside :func:`update_param` (a schedule
     decided after every parameter was updated): the same refresh, with ``exp_avg`` carried in the
     original frame across it."""
     exp_avg_orig = project_back(layout.to_work(state["exp_avg"]), state["Q"])
-    (_refresh if second_moment == "adam" else _refresh_adafactor)(state, layout, dims)
+    (_refresh if second_moment == "adam" else _refresh_adafactor)(state, layout, dims, on_failure)
     state["exp_avg"] = layout.from_work(project(exp_avg_orig, state["Q"])).contiguous()
 
 
@@ -321,7 +422,8 @@ def drift(state: dict, dim: int) -> float:
     return float(off.norm() / rotated.norm().clamp_min(torch.finfo(rotated.dtype).tiny))
 
 
-def _refresh_adafactor(state: dict, layout: Layout, dims: set[int] | None = None) -> None:
+def _refresh_adafactor(state: dict, layout: Layout, dims: set[int] | None = None,
+                       on_failure: FailureHook | None = None) -> None:
     """Refresh for the Adafactor mode: the factored accumulators are permuted instead of a full
     ``exp_avg_sq`` (rows along working dim 0, columns along the other dims)."""
     rows, _ = _adafactor_rows_cols(layout)
@@ -333,11 +435,17 @@ def _refresh_adafactor(state: dict, layout: Layout, dims: set[int] | None = None
             continue
         est_eig = torch.diag(q.T @ gg @ q)
         order = torch.argsort(est_eig, descending=True)
+        q_new = try_qr(gg @ q[:, order])
+        if q_new is None:
+            _report(on_failure, i, layout.shape, "eigenbasis refresh (QR) failed in float32 and float64; "
+                    "kept the previous basis")
+            new_q.append(q)
+            continue
         if i == 0:
             row_acc = row_acc[order]
         else:
             col_acc = col_acc.reshape(layout.work_shape[1:]).index_select(i - 1, order).reshape(-1)
-        new_q.append(lapack.qr(gg @ q[:, order])[0])
+        new_q.append(q_new)
     state["exp_avg_sq"] = torch.cat([row_acc, col_acc])
     state["Q"] = new_q
 
