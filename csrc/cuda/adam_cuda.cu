@@ -1,9 +1,7 @@
 // CUDA implementations of soap_kernels::moment_update and soap_kernels::adam_step.
 //
-// Multi-tensor launch: the tensors of a list are cut into chunks of kChunk elements and one block
-// works on one chunk; which tensor and chunk a block has comes from a table passed by value as
-// the kernel argument (no host-to-device copy, so the launch can be captured in a CUDA graph). A
-// list too long for one table takes several launches. Within a chunk each thread moves kVec
+// Multi-tensor launch (cuda/launch_table.h): one block per 16 Ki-element chunk of any tensor of
+// the list, the tensor table in the kernel parameters. Within a chunk each thread moves kVec
 // consecutive elements per step with one wide load/store per stream (16 B for fp32, 8 B for
 // bf16/fp16) when every pointer of the tensor is aligned for it, and element-wise otherwise.
 //
@@ -12,6 +10,7 @@
 // add_), so nvcc contracts the same products into FMAs; sqrt and division are IEEE (no fast
 // math). Untested on a GPU in this repository's CI (the CUDA build is compile-checked only).
 #include "adam.h"
+#include "cuda/launch_table.h"
 
 #include <ATen/core/Tensor.h>
 #include <c10/cuda/CUDAException.h>
@@ -31,77 +30,6 @@ namespace {
 
 constexpr int kThreads = 256;
 constexpr int kVec = 4;
-// 16 Ki elements per block: 64 steps of kVec per thread.
-constexpr int64_t kChunk = 1 << 14;
-constexpr int kMaxTensorsPerLaunch = 32;
-constexpr int kMaxBlocksPerLaunch = 320;
-
-// The launch table: up to kMaxTensorsPerLaunch tensors with kDepth pointers each (the lists in a
-// fixed order), and for every block the slot of its tensor and the index of its chunk.
-template <int kDepth>
-struct LaunchTable {
-  void* ptr[kDepth][kMaxTensorsPerLaunch];
-  int64_t numel[kMaxTensorsPerLaunch];
-  float step_size[kMaxTensorsPerLaunch];  // adam_step float[] overload
-  int32_t list_index[kMaxTensorsPerLaunch];  // position in the caller's list (step_size tensor)
-  uint8_t block_slot[kMaxBlocksPerLaunch];
-  int32_t block_chunk[kMaxBlocksPerLaunch];
-};
-// Kernel parameters are limited to 4 KiB on every architecture and CUDA version we build for.
-static_assert(sizeof(LaunchTable<4>) + 64 <= 4096, "launch table too large for kernel parameters");
-static_assert(kMaxTensorsPerLaunch <= 256, "block_slot is 8-bit");
-
-// One tensor of a list as the launch tables see it.
-template <int kDepth>
-struct TensorEntry {
-  std::array<void*, kDepth> ptr;
-  int64_t numel;
-  float step_size;
-  int32_t list_index;
-};
-
-// Fills tables and launches `launch(table, num_blocks)` until every chunk of every tensor is done.
-template <int kDepth, typename Launch>
-void launch_over_chunks(const std::vector<TensorEntry<kDepth>>& tensors, const Launch& launch) {
-  LaunchTable<kDepth> table{};
-  int slots = 0;
-  int blocks = 0;
-  const auto fill_slot = [&table](int slot, const TensorEntry<kDepth>& t) {
-    for (int d = 0; d < kDepth; ++d) {
-      table.ptr[d][slot] = t.ptr[d];
-    }
-    table.numel[slot] = t.numel;
-    table.step_size[slot] = t.step_size;
-    table.list_index[slot] = t.list_index;
-  };
-  for (const auto& t : tensors) {
-    if (t.numel == 0) {
-      continue;
-    }
-    int slot = slots++;
-    fill_slot(slot, t);
-    const int64_t chunks = (t.numel + kChunk - 1) / kChunk;
-    for (int64_t c = 0; c < chunks; ++c) {
-      table.block_slot[blocks] = static_cast<uint8_t>(slot);
-      table.block_chunk[blocks] = static_cast<int32_t>(c);
-      ++blocks;
-      const bool last_chunk = c == chunks - 1;
-      if (blocks == kMaxBlocksPerLaunch || (last_chunk && slots == kMaxTensorsPerLaunch)) {
-        launch(table, blocks);  // the table is copied into the launch's parameters
-        blocks = 0;
-        slots = 0;
-        if (!last_chunk) {
-          // The tensor goes on in the next launch, as its slot 0.
-          slot = slots++;
-          fill_slot(slot, t);
-        }
-      }
-    }
-  }
-  if (blocks > 0) {
-    launch(table, blocks);
-  }
-}
 
 // kVec elements of T, loaded and stored as one aligned access.
 template <typename T>
@@ -143,28 +71,15 @@ __device__ __forceinline__ float moment_step(float& m, float& v, float g, const 
   return m / (::sqrtf(v) + h.eps);
 }
 
-// Block `blockIdx.x` walks chunk `block_chunk` of its tensor: [begin, end), vectorised when aligned.
-struct ChunkRange {
-  int64_t begin;
-  int64_t end;
-};
-
-template <int kDepth>
-__device__ __forceinline__ ChunkRange block_range(const LaunchTable<kDepth>& table, int slot) {
-  const int64_t begin = static_cast<int64_t>(table.block_chunk[blockIdx.x]) * kChunk;
-  const int64_t end = min(table.numel[slot], begin + kChunk);
-  return {begin, end};
-}
-
 // Moment update: reads exp_avg, exp_avg_sq, grad; writes exp_avg, exp_avg_sq, direction (24 B/elem).
 __global__ void __launch_bounds__(kThreads)
     moment_update_kernel(const LaunchTable<4> table, const MomentHyper hyper) {
-  const int slot = table.block_slot[blockIdx.x];
+  const int slot = block_slot(table, blockIdx.x);
   auto* exp_avg = static_cast<float*>(table.ptr[0][slot]);
   auto* exp_avg_sq = static_cast<float*>(table.ptr[1][slot]);
   const auto* grad = static_cast<const float*>(table.ptr[2][slot]);
   auto* direction = static_cast<float*>(table.ptr[3][slot]);
-  const ChunkRange range = block_range(table, slot);
+  const ChunkRange range = block_range(table, slot, blockIdx.x);
   int64_t scalar_begin = range.begin;
   if (pack_aligned<float>(exp_avg) && pack_aligned<float>(exp_avg_sq) && pack_aligned<float>(grad) &&
       pack_aligned<float>(direction)) {
@@ -207,7 +122,7 @@ __device__ __forceinline__ float adam_param_step(float p, float d, float neg_ste
 template <typename param_t>
 __global__ void __launch_bounds__(kThreads)
     adam_step_kernel(const LaunchTable<4> table, const float* step_size_tensor, const AdamHyper hyper) {
-  const int slot = table.block_slot[blockIdx.x];
+  const int slot = block_slot(table, blockIdx.x);
   auto* param = static_cast<param_t*>(table.ptr[0][slot]);
   const auto* grad = static_cast<const param_t*>(table.ptr[1][slot]);
   auto* exp_avg = static_cast<float*>(table.ptr[2][slot]);
@@ -215,7 +130,7 @@ __global__ void __launch_bounds__(kThreads)
   const float step_size =
       step_size_tensor != nullptr ? step_size_tensor[table.list_index[slot]] : table.step_size[slot];
   const float neg_step_size = -step_size;
-  const ChunkRange range = block_range(table, slot);
+  const ChunkRange range = block_range(table, slot, blockIdx.x);
   int64_t scalar_begin = range.begin;
   if (pack_aligned<param_t>(param) && pack_aligned<param_t>(grad) && pack_aligned<float>(exp_avg) &&
       pack_aligned<float>(exp_avg_sq)) {
@@ -262,7 +177,7 @@ void moment_update_cuda(at::TensorList exp_avg, at::TensorList exp_avg_sq, at::T
   }
   const c10::cuda::CUDAGuard guard(exp_avg[0].device());
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
-  launch_over_chunks<4>(tensors, [&](const LaunchTable<4>& table, int blocks) {
+  launch_over_chunks<4>(tensors, [&](const LaunchTable<4>& table, unsigned int blocks) {
     moment_update_kernel<<<blocks, kThreads, 0, stream>>>(table, hyper);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   });
@@ -289,7 +204,7 @@ void adam_step_cuda_impl(at::TensorList param, at::TensorList grad, at::TensorLi
     if (tensors.empty()) {
       continue;
     }
-    const auto launch = [&](const LaunchTable<4>& table, int blocks) {
+    const auto launch = [&](const LaunchTable<4>& table, unsigned int blocks) {
       switch (dtype) {
         case at::kFloat:
           adam_step_kernel<float><<<blocks, kThreads, 0, stream>>>(table, step_size_tensor, hyper);
