@@ -33,8 +33,12 @@ from soap_kernels import SOAP, Budgeted, DriftAdaptive, LossThreshold
 from soap_kernels.distributed import ShardedSOAP, assign_owners, bucket_cost, string_keys
 from soap_kernels.reference import make_layout
 
-pytestmark = pytest.mark.skipif(not dist.is_available() or not dist.is_gloo_available(),
-                                reason="torch.distributed with gloo is not available")
+pytestmark = [
+    pytest.mark.skipif(not dist.is_available() or not dist.is_gloo_available(),
+                       reason="torch.distributed with gloo is not available"),
+    # DCP's note when a single process saves or loads a checkpoint (the 1-rank side of the tests).
+    pytest.mark.filterwarnings("ignore:torch.distributed is disabled"),
+]
 
 WORKER_TIMEOUT_S = 150  # a whole spawn; collectives time out after COLLECTIVE_TIMEOUT_S
 COLLECTIVE_TIMEOUT_S = 60
@@ -216,6 +220,25 @@ def _ddp_worker(rank: int, world: int, out: Path) -> dict:
     run(opt, params, 0, STEPS, rank, world)
     results["bf16_comm"] = record(opt, params)
 
+    params = make_params()  # a param group added mid-run: ownership is re-planned, state moves
+    opt = ShardedSOAP(groups(params)[:1], **BASE)
+    run(opt, params, 0, SAVE_AT, rank, world)
+    opt.add_param_group(groups(params)[1])
+    run(opt, params, SAVE_AT, STEPS, rank, world)
+    results["add_group"] = record(opt, params)
+
+    from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict
+
+    lonely = [torch.nn.Parameter(torch.randn(6, 4, generator=torch.Generator().manual_seed(5)))]
+    opt = ShardedSOAP(lonely, **BASE)  # one bucket: the other ranks own nothing
+    for t in range(6):
+        lonely[0].grad = torch.randn(6, 4, generator=torch.Generator().manual_seed(50 + t))
+        opt.step()
+    lonely[0].grad = None
+    results["lonely_state_nonempty"] = bool(opt.state)
+    get_optimizer_state_dict(Holder(lonely), opt)  # must not run a zero-gradient step anywhere
+    results["lonely"] = record(opt, lonely)
+
     params = make_params()
     opt = ShardedSOAP(groups(params), **BASE, nonfinite="skip")
     run(opt, params, 0, STEPS, rank, world, nan_at=7)
@@ -278,6 +301,16 @@ def _fsdp_worker(rank: int, world: int, out: Path) -> dict:
                 torch.save({"params": full, "optim": state}, out / f"fsdp_w{world}.pt")
     results["fsdp"] = {"params": [p.full_tensor() for p in params], "state": opt.state_dict()}
     results["fsdp_ownership"] = opt.ownership()
+
+    model = Net()
+    _shard(model, mesh)
+    params = list(model.parameters())
+    opt = ShardedSOAP(params, **FSDP_KW, comm_dtype=torch.bfloat16)
+    for t in range(FSDP_SAVE_AT):
+        for p, grad in zip(params, fsdp_grads(model, t)):
+            p.grad = distribute_tensor(grad, mesh, p.placements)
+        opt.step()
+    results["fsdp_bf16_comm"] = {"params": [p.full_tensor() for p in params], "state": opt.state_dict()}
 
     source = out / f"fsdp_w{world - 1}.pt"
     if source.exists():
@@ -399,12 +432,27 @@ def _references(out: Path) -> dict:
     run(opt, params, 4, 6)
     refs["after_raise"] = record(opt, params)
 
+    params = make_params()
+    opt = SOAP(groups(params)[:1], **BASE)
+    run(opt, params, 0, SAVE_AT)
+    opt.add_param_group(groups(params)[1])
+    run(opt, params, SAVE_AT, STEPS)
+    refs["add_group"] = record(opt, params)
+    lonely = [torch.nn.Parameter(torch.randn(6, 4, generator=torch.Generator().manual_seed(5)))]
+    opt = SOAP(lonely, **BASE)
+    for t in range(6):
+        lonely[0].grad = torch.randn(6, 4, generator=torch.Generator().manual_seed(50 + t))
+        opt.step()
+    refs["lonely"] = record(opt, lonely)
+
     model = Net()
     opt = SOAP(model.parameters(), **FSDP_KW)
     for t in range(FSDP_STEPS):
         for p, grad in zip(model.parameters(), fsdp_grads(model, t)):
             p.grad = grad
         opt.step()
+        if t + 1 == FSDP_SAVE_AT:
+            refs["fsdp_half"] = [p.detach().clone() for p in model.parameters()]
     refs["fsdp"] = record(opt, list(model.parameters()))
     model = Net()
     opt = SOAP(model.parameters(), **FSDP_KW)
@@ -511,6 +559,21 @@ def test_ddp_bf16_communication_keeps_replicas_identical(runs, world):
 
 
 @pytest.mark.parametrize("world", WORLDS)
+def test_ddp_add_param_group_moves_state_to_new_owners(runs, world):
+    for results in runs["worlds"][world]:
+        assert_same_run(results["ddp"]["add_group"], runs["refs"]["add_group"])
+
+
+@pytest.mark.parametrize("world", WORLDS)
+def test_ranks_that_own_nothing_still_agree_and_checkpoint(runs, world):
+    """One bucket: the other ranks hold a placeholder, so DCP's get_optimizer_state_dict does not
+    run its zero-gradient initialising step on them (which would desynchronise the collectives)."""
+    for results in runs["worlds"][world]:
+        assert results["ddp"]["lonely_state_nonempty"]
+        assert_same_run(results["ddp"]["lonely"], runs["refs"]["lonely"])
+
+
+@pytest.mark.parametrize("world", WORLDS)
 def test_nonfinite_gradient_on_one_rank_skips_everywhere(runs, world):
     for results in runs["worlds"][world]:
         got = results["ddp"]["nonfinite_skip"]
@@ -590,6 +653,30 @@ def test_fsdp2_elementwise_shards_equal_full_math(runs, world):
             if kind == "local":
                 err = report(f"elementwise param {i}", got["params"][i], ref["params"][i])
                 assert err <= 1e-6
+
+
+@pytest.mark.parametrize("world", WORLDS)
+def test_fsdp2_bf16_communication(runs, world):
+    """Gradients travel to the owners in bf16 and updates come back in bf16 (parameters are gathered
+    exactly): the state equals a single process's fed the same bf16-rounded gradients, bit for bit,
+    and the parameters differ only by the rounding of the updates."""
+    kinds = runs["worlds"][world][0]["fsdp"]["fsdp_ownership"]["kinds"]
+    with _single_threaded():
+        model = Net()
+        opt = SOAP(model.parameters(), **FSDP_KW)
+        for t in range(FSDP_SAVE_AT):
+            for p, grad, kind in zip(model.parameters(), fsdp_grads(model, t), kinds):
+                p.grad = grad.bfloat16().float() if kind == "gathered" else grad
+            opt.step()
+    ref = record(opt, list(model.parameters()))
+    ranks = [r["fsdp"]["fsdp_bf16_comm"] for r in runs["worlds"][world]]
+    for got in ranks:
+        assert all(torch.equal(a, b) for a, b in zip(got["params"], ranks[0]["params"]))  # replicas agree
+        ref_tensors = dict(_tensors(ref["state"]))
+        for name, t in _tensors(got["state"]):
+            assert torch.equal(t, ref_tensors[name]), name
+        for i, (a, b) in enumerate(zip(got["params"], ref["params"])):
+            assert report(f"bf16-comm param {i}", a, b) <= TOLERANCE[torch.float32]["param"]
 
 
 def test_fsdp2_checkpoint_from_two_ranks_continues_on_three(runs):
