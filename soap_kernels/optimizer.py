@@ -35,7 +35,7 @@ BACKENDS = ("auto", "reference", "torch", "triton", "cuda")
 DATA_FORMATS = ("channels_first", "channels_last")
 SECOND_MOMENTS = ("adam", "adafactor")
 PRECISIONS = ("fp32", "tf32", "bf16")
-NONFINITE = ("raise", "skip", "off")
+NONFINITE = ("raise", "skip", "ignore")
 # Version of the state_dict layout; a newer one is refused with a clear message.
 STATE_FORMAT = 1
 
@@ -50,8 +50,8 @@ def _check_hyperparameters(group: dict[str, Any], where: str = "") -> None:
             if value.numel() != 1:
                 raise ValueError(f"{prefix}{name} must be a number or a one-element tensor, got shape {tuple(value.shape)}")
             value = value.item()
-        if isinstance(value, bool) or not isinstance(value, numbers.Real) or math.isnan(value):
-            raise ValueError(f"{prefix}{name} must be a real number, got {value!r}")
+        if isinstance(value, bool) or not isinstance(value, numbers.Real) or not math.isfinite(value):
+            raise ValueError(f"{prefix}{name} must be a finite real number, got {value!r}")
         return float(value)
 
     if number("lr") < 0.0:
@@ -176,7 +176,7 @@ class SOAP(torch.optim.Optimizer):
         nonfinite: what a step does when a gradient holds a NaN or an inf. ``"raise"`` (default): a
             ``ValueError`` naming the parameter, nothing modified. ``"skip"``: the whole step is
             skipped for every parameter, as ``torch.amp.GradScaler`` does, and counted in
-            ``skipped_steps`` (also saved in ``state_dict()``). ``"off"``: no check (no host
+            ``skipped_steps`` (also saved in ``state_dict()``). ``"ignore"``: no check (no host
             synchronisation, e.g. for CUDA-graph capture); a non-finite gradient then poisons the
             state, as in the reference. The check is one fused max-|g| reduction per (device,
             dtype) and one host read per step; with ``GradScaler`` the scaler has already skipped
@@ -435,7 +435,7 @@ class SOAP(torch.optim.Optimizer):
                 loss_value = float(loss)
             except (TypeError, ValueError, RuntimeError) as err:
                 raise ValueError(f"the loss must be a number or a one-element tensor, got {type(loss).__name__}") from err
-        if self.nonfinite != "off" and self._nonfinite_step(self._local_nonfinite_flag()):
+        if self.nonfinite != "ignore" and self._nonfinite_step(self._local_nonfinite_flag()):
             if self.nonfinite == "raise":
                 raise self._nonfinite_error()
             self.skipped_steps += 1
