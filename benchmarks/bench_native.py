@@ -8,12 +8,13 @@
   decay order differs), on GPT-2 small's un-preconditioned (1-D) parameters and on one layer's
   matrices.
 
-Timing: ``time.perf_counter`` around each call after warm-up; median (and 10th/90th percentile)
-over many repetitions; ``torch.set_num_threads(--threads)`` for both sides (the native CPU kernels
-spread their chunks with at::parallel_for on torch's OpenMP threads). On a shared machine the
-2-thread figures include waiting for the second core; the load average is recorded. Bytes moved per element: 24 for
-``moment_update`` (read m, v, g; write m, v, d), 28 for fp32 ``adam_step``. Prints a table and
-writes JSON (device, versions, date, shapes) to ``--out``.
+Timing: ``time.perf_counter`` around each call after warm-up, the candidates interleaved within
+each repetition; median (10th/90th percentile, minimum) over many repetitions;
+``torch.set_num_threads(--threads)`` for every candidate (the native CPU kernels spread their
+chunks with at::parallel_for on torch's OpenMP threads). On a shared machine the multi-thread
+figures include waiting for the other cores; the load average is recorded. Bytes moved per
+element: 24 for ``moment_update`` (read m, v, g; write m, v, d), 28 for fp32 ``adam_step``. Prints
+a table and writes JSON (device, versions, date, shapes) to ``--out``.
 
     python benchmarks/bench_native.py                  # full run, 2 threads
     python benchmarks/bench_native.py --quick --no-compile
@@ -61,21 +62,31 @@ def gpt2_small_1d_shapes() -> list[tuple[int, ...]]:
     return per_layer * N_LAYER + [(D_MODEL,), (D_MODEL,)]
 
 
-def time_calls(fn: Callable[[], object], reps: int, warmup: int) -> dict[str, float]:
-    """Median, 10th and 90th percentile wall time of fn() in milliseconds."""
+def time_interleaved(fns: dict[str, Callable[[], object]], reps: int, warmup: int) -> dict[str, dict[str, float]]:
+    """Wall time of each candidate in milliseconds: median, 10th/90th percentile and minimum.
+
+    The candidates run in turn within each repetition, so a change in machine load (other jobs on
+    shared cores) hits them alike and the ratios stay meaningful even when absolute times do not.
+    """
     for _ in range(warmup):
-        fn()
-    samples = []
+        for fn in fns.values():
+            fn()
+    samples: dict[str, list[float]] = {name: [] for name in fns}
     for _ in range(reps):
-        start = time.perf_counter()
-        fn()
-        samples.append((time.perf_counter() - start) * 1e3)
-    samples.sort()
-    return {
-        "median_ms": statistics.median(samples),
-        "p10_ms": samples[int(0.1 * (len(samples) - 1))],
-        "p90_ms": samples[int(0.9 * (len(samples) - 1))],
-    }
+        for name, fn in fns.items():
+            start = time.perf_counter()
+            fn()
+            samples[name].append((time.perf_counter() - start) * 1e3)
+    stats = {}
+    for name, times in samples.items():
+        times.sort()
+        stats[name] = {
+            "median_ms": statistics.median(times),
+            "p10_ms": times[int(0.1 * (len(times) - 1))],
+            "p90_ms": times[int(0.9 * (len(times) - 1))],
+            "min_ms": times[0],
+        }
+    return stats
 
 
 def torch_moment_update(m: Tensor, v: Tensor, g: Tensor, beta1: float, beta2: float, eps: float) -> Tensor:
@@ -98,15 +109,17 @@ def moment_update_row(shape: tuple[int, ...], compiled: Callable[..., Tensor] | 
     m, v, g = make_moments(shape, seed=0)
     out = [torch.empty_like(m)]
     row: dict[str, Any] = {"op": "moment_update", "shape": list(shape), "numel": numel, "dtype": "float32"}
-    row["torch_ops"] = time_calls(lambda: torch_moment_update(m, v, g, BETA1, BETA2, EPS), args.reps, args.warmup)
-    row["native"] = time_calls(lambda: _native.moment_update([m], [v], [g], BETA1, BETA2, EPS), args.reps, args.warmup)
-    row["native_out"] = time_calls(
-        lambda: _native.moment_update([m], [v], [g], BETA1, BETA2, EPS, out=out), args.reps, args.warmup
-    )
+    candidates: dict[str, Callable[[], object]] = {
+        "native": lambda: _native.moment_update([m], [v], [g], BETA1, BETA2, EPS),
+        "native_out": lambda: _native.moment_update([m], [v], [g], BETA1, BETA2, EPS, out=out),
+        "torch_ops": lambda: torch_moment_update(m, v, g, BETA1, BETA2, EPS),
+    }
     if compiled is not None:
-        row["torch_compile"] = time_calls(lambda: compiled(m, v, g, BETA1, BETA2, EPS), args.reps, args.warmup)
+        candidates["torch_compile"] = lambda: compiled(m, v, g, BETA1, BETA2, EPS)
+    row.update(time_interleaved(candidates, args.reps, args.warmup))
     row["native_GBps"] = numel * MOMENT_BYTES_PER_ELEMENT / (row["native"]["median_ms"] * 1e-3) / 1e9
     row["speedup_vs_torch_ops"] = row["torch_ops"]["median_ms"] / row["native"]["median_ms"]
+    row["min_time_ratio_vs_torch_ops"] = row["torch_ops"]["min_ms"] / row["native"]["min_ms"]
     if compiled is not None:
         row["speedup_vs_torch_compile"] = row["torch_compile"]["median_ms"] / row["native"]["median_ms"]
     return row
@@ -180,13 +193,15 @@ def adam_step_row(name: str, shapes: Sequence[tuple[int, ...]], args: argparse.N
         )
 
     row: dict[str, Any] = {"op": "adam_step", "case": name, "tensors": len(shapes), "numel": numel, "dtype": "float32"}
-    row["torch_foreach"] = time_calls(
-        lambda: foreach_adam_step(params, grads, exp_avgs, exp_avg_sqs, neg_step_sizes, lr_wd), args.reps, args.warmup
-    )
-    row["native"] = time_calls(native, args.reps, args.warmup)
-    row["torch_fused_adamw"] = time_calls(fused_adamw, args.reps, args.warmup)
+    candidates: dict[str, Callable[[], object]] = {
+        "native": native,
+        "torch_foreach": lambda: foreach_adam_step(params, grads, exp_avgs, exp_avg_sqs, neg_step_sizes, lr_wd),
+        "torch_fused_adamw": fused_adamw,
+    }
+    row.update(time_interleaved(candidates, args.reps, args.warmup))
     row["native_GBps"] = numel * ADAM_BYTES_PER_ELEMENT / (row["native"]["median_ms"] * 1e-3) / 1e9
     row["speedup_vs_torch_foreach"] = row["torch_foreach"]["median_ms"] / row["native"]["median_ms"]
+    row["min_time_ratio_vs_torch_foreach"] = row["torch_foreach"]["min_ms"] / row["native"]["min_ms"]
     row["speedup_vs_torch_fused_adamw"] = row["torch_fused_adamw"]["median_ms"] / row["native"]["median_ms"]
     return row
 
@@ -211,6 +226,7 @@ def print_row(row: dict[str, Any]) -> None:
         if key in row
     ]
     ratios = [f"{k.removeprefix('speedup_')} {v:5.2f}x" for k, v in row.items() if k.startswith("speedup_")]
+    ratios += [f"(min-time ratio {v:5.2f}x)" for k, v in row.items() if k.startswith("min_time_ratio_")]
     print(
         f"{row['op']:<14} {label:<36} {row['numel']:>10}  "
         + "  ".join(cols)
