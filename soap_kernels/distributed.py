@@ -25,6 +25,8 @@ the same assignment from the same inputs; nothing is communicated to agree on it
   would be another algorithm). An elementwise parameter (plain Adam: 1-D without
   ``precondition_1d``, or every dim above ``max_precond_dim``) is updated shard by shard where it
   lies, with state for the local shard only; elementwise math gives the same numbers.
+  An owner keeps a full-size copy of each whole matrix it owns and of its gradient between steps
+  (the matrices are re-gathered every step, so a parameter changed outside the optimizer is seen).
 
 **Communication dtype.** Values travel in their own dtype, so fp32/bf16/fp16 parameters arrive
 bit for bit and replicas stay identical. ``comm_dtype`` narrower than a parameter's dtype (e.g.
@@ -32,21 +34,30 @@ bit for bit and replicas stay identical. ``comm_dtype`` narrower than a paramete
 the sharded path, its gradient) in ``comm_dtype`` instead; every rank, the owner included, applies
 the rounded update, so replicas still agree, but the trajectory departs from a single process's.
 
-**One decision everywhere.** Each step starts with one small ``all_reduce`` (float64) that carries
-the loss (loss-driven schedules see the mean over ranks), whether any rank saw a non-finite
-gradient, and which parameters have a gradient on every rank (only those are stepped, so every
-rank knows which parameters are initialised and updated without asking). Drift-driven schedules
-get the drift of each factor from its owner (an ``all_reduce`` of a vector that is zero elsewhere,
-so the sum is exact). The schedule then sees the same numbers on every rank.
+**One decision everywhere.** SOAP's non-finite check (``nonfinite="raise"``/``"skip"``) reduces
+each rank's flag with an ``all_reduce`` (MAX) in :meth:`ShardedSOAP._nonfinite_step`, so a NaN on
+one rank makes every rank raise, or skip, the same step. Then one small ``all_reduce`` (float64)
+carries the loss (loss-driven schedules see the mean over ranks) and which parameters have a
+gradient on every rank (only those are stepped, so every rank knows which parameters are
+initialised and updated without asking). Drift-driven schedules get the drift of each factor from
+its owner (an ``all_reduce`` of a vector that is zero elsewhere, so the sum is exact). The schedule
+then sees the same numbers on every rank.
 
 **Checkpoints.** ``state_dict()`` is collective: it gathers the full state in the reference's
 layout (shards concatenated, CPU tensors) to *every* rank, so a checkpoint is independent of the
 world size and loads into plain :class:`~soap_kernels.SOAP` too. ``load_state_dict`` takes such a
 full state dict on every rank and keeps only what this rank owns. With
-``torch.distributed.checkpoint``, ``dcp.save`` writes each replicated tensor once. Ranks hold
-placeholders ``{"owner": rank}`` in ``optimizer.state`` for parameters another rank owns, so
-``optimizer.state`` is non-empty on every rank as soon as any rank has state (DCP's
-``_init_optim_state`` then never runs a zero-gradient step on some ranks only).
+``torch.distributed.checkpoint``: ``dcp.save`` writes each replicated tensor once; save and load
+through :func:`string_keys` (DCP turns integer keys into strings), or use DCP's
+``get_optimizer_state_dict``/``set_optimizer_state_dict``, which key by parameter name but keep
+only ``state`` and ``param_groups`` (the optimizer-wide update count and a schedule's progress
+are then not restored; the per-parameter refresh rule of ``schedule=None`` needs neither). Those
+helpers fill an empty optimizer with a zero-gradient step at zero learning rate: it only
+initialises (SOAP's first step never updates) and ``load_state_dict`` replaces all of it. Ranks
+hold placeholders ``{"owner": rank}`` in ``optimizer.state`` for parameters another rank owns, so
+``optimizer.state`` is non-empty on every rank as soon as any rank has state, and that step never
+runs on some ranks only. ``optimizer.state[p]`` of a shard-by-shard parameter shows the local
+shard's state.
 
 Replicas are identical by construction (one computation, then a copy). Bit-for-bit equality with a
 single-process :class:`~soap_kernels.SOAP` run also needs the same kernels on both sides: the same
