@@ -11,3 +11,5 @@ if [ -x .ci/compile_cuda.sh ]; then
     bash .ci/compile_cuda.sh
 fi
 python -m pytest -q -p no:cacheprovider tests "$@"
+# The engine's plain-PyTorch elementwise path, which the native extension replaces when built.
+SOAP_KERNELS_NATIVE_OPS=0 python -m pytest -q -p no:cacheprovider tests/test_engine.py
