@@ -7,7 +7,7 @@ export PYTHONHASHSEED=0
 if ! python -c "import torch, sys; sys.exit(0 if torch.cuda.is_available() else 1)" 2>/dev/null; then
     export TRITON_INTERPRET=1
 fi
-if [ -x .ci/compile_cuda.sh ]; then
+if [ -f .ci/compile_cuda.sh ]; then
     bash .ci/compile_cuda.sh
 fi
 python -m pytest -q -p no:cacheprovider tests "$@"
