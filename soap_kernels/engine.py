@@ -254,13 +254,15 @@ class Bucket:
 
         params = [self.params[r] for r in rows]
         if not group["normalize_grads"] and self._fused_update:
-            ops.rotate_back_update(direction, qs, params, step_sizes, decay,
+            ops.rotate_back_update(direction, qs, self._work_views(params), step_sizes, decay,
                                    workspace=None if workspace is None else workspace[0])
         else:
             update = ops.rotate_back(direction, qs)
             if group["normalize_grads"]:
-                rms = update.square().mean(dim=tuple(range(1, update.dim())), keepdim=True).sqrt_()
-                update.div_(rms.add_(1e-30))
+                # Per row. Regression: for 0-D parameters (update [B]) mean(dim=()) reduced over
+                # every row of the bucket.
+                rms = update.reshape(update.shape[0], -1).square().mean(dim=1).sqrt_()
+                update.div_(rms.add_(1e-30).view(-1, *(1,) * (update.dim() - 1)))
             sizes = torch.tensor(step_sizes, dtype=torch.float32).to(update.device, non_blocking=True)
             update.mul_(sizes.view(-1, *(1,) * (update.dim() - 1)))
             _apply_update(params, [layout.from_work(u) for u in update.unbind(0)], None if decay == 1.0 else decay)
@@ -271,6 +273,25 @@ class Bucket:
             for s_all, s in zip(self.stats, stats):
                 if s_all is not None:
                     s_all.index_copy_(0, index, s)
+
+    def _work_views(self, params: list[Tensor]) -> list[Tensor] | None:
+        """The parameters as working-layout views (no copy), or ``None`` where a view is impossible.
+
+        Regression: a 3-D/4-D parameter that ``merge_dims`` turns into a matrix (e.g. a (64, 32, 3,
+        3) conv weight -> [6144, 3]) was handed to the in-place matrix update as is and failed after
+        the moments had been updated."""
+        work = self.layout.work_shape
+        if self.layout.permute:
+            return None
+        out = []
+        for p in params:
+            if tuple(p.shape) == work:
+                out.append(p)
+            elif p.is_contiguous():
+                out.append(p.view(work))
+            else:
+                return None
+        return out
 
     def _uses_triton(self) -> bool:
         return self.kernels == "triton" and self.second_moment == "adam" and (
@@ -285,7 +306,14 @@ class Bucket:
         """
         if not self._uses_triton() or len(rows) != len(self.params):
             return False
+        views = self._work_views(self.params)
+        if not self.layout.any_preconditioned and (views is None or group["normalize_grads"]):
+            # The multi-tensor Adam kernel needs working-shaped parameters and does not normalise.
+            # Regression: normalize_grads was ignored for un-preconditioned buckets on this path.
+            return False
         from . import triton as tk
+
+        layout = self.layout
 
         beta1, beta2 = group["betas"]
         shampoo_beta = group["shampoo_beta"] if group["shampoo_beta"] >= 0 else beta2
@@ -299,22 +327,22 @@ class Bucket:
             step_size = torch.full_like(step, lr)
         decay = 1.0 - lr * group["weight_decay"] if group["weight_decay"] > 0 else 1.0
         if not self.layout.any_preconditioned:
-            tk.adam_step(self.params, [g.contiguous() for g in grads], list(self.exp_avg.unbind(0)),
+            tk.adam_step(views, [layout.to_work(g).contiguous() for g in grads], list(self.exp_avg.unbind(0)),
                          list(self.exp_avg_sq.unbind(0)), step_size, beta1, beta2, group["eps"], decay)
             return True
-        grad = torch.stack([g if g.dtype == torch.float32 else g.float() for g in grads])
+        grad = torch.stack([layout.to_work(g if g.dtype == torch.float32 else g.float()) for g in grads])
         rotated, direction = tk.rotate_in_adam(grad, self.q, self.exp_avg, self.exp_avg_sq, beta1, beta2,
                                                group["eps"], precision=self.precision)
         tk.update_statistics(self.stats, rotated, shampoo_beta)
-        if group["normalize_grads"] or not all(p.is_contiguous() for p in self.params):
+        if group["normalize_grads"] or views is None or not all(v.is_contiguous() for v in views):
             update = tk.rotate_back(direction, self.q, precision=self.precision)
             if group["normalize_grads"]:
                 rms = update.square().mean(dim=(1, 2), keepdim=True).sqrt_()
                 update.div_(rms.add_(1e-30))
             update.mul_(step_size.view(-1, 1, 1))
-            _apply_update(self.params, list(update.unbind(0)), None if decay == 1.0 else decay)
+            _apply_update(self.params, [layout.from_work(u) for u in update.unbind(0)], None if decay == 1.0 else decay)
         else:
-            tk.rotate_back_update(direction, self.q, self.params, step_size, decay, precision=self.precision)
+            tk.rotate_back_update(direction, self.q, views, step_size, decay, precision=self.precision)
         return True
 
     def refresh(self, rows_per_dim: dict[int, list[int]]) -> None:

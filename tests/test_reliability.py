@@ -531,6 +531,24 @@ def test_overflowing_gradient_spike_keeps_params_and_q_finite(backend):
     assert q_error(opt) < 1e-5
 
 
+# ------------------------------------------------------------------------------ regressions
+@pytest.mark.parametrize("backend", BACKENDS[1:])
+@pytest.mark.parametrize("shapes,kwargs", [
+    ([(2, 3, 2, 2)], {"merge_dims": True, "max_precond_dim": 6}),
+    ([(2, 2, 2, 3)], {"merge_dims": True, "max_precond_dim": 6, "data_format": "channels_last"}),
+    ([(20, 3, 4), (), ()], {"merge_dims": True, "max_precond_dim": 2, "normalize_grads": True}),
+], ids=["merged-to-matrix", "merged-to-matrix-channels-last", "normalize-unpreconditioned"])
+def test_merged_and_normalized_layouts_match_reference(backend, shapes, kwargs):
+    """Regression: a conv weight that merge_dims turns into a matrix crashed the fused update after
+    the moments had moved; normalize_grads was ignored (triton) or taken over the whole bucket (0-D)."""
+    from conftest import run_lockstep
+
+    params = make_params(shapes)
+    ref, eng = run_lockstep(params, clone_params(params), shapes, 6, {"lr": 3e-2, "precondition_frequency": 2, **kwargs},
+                            backends=("reference", backend))
+    assert_lockstep(ref, eng)
+
+
 # ------------------------------------------------------------------------------ bad inputs
 def _p():
     return make_params([(3, 3)])
