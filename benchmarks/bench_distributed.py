@@ -116,6 +116,17 @@ def _free_port() -> int:
 def run_world(world: int, args: argparse.Namespace, scratch: Path) -> list[dict]:
     for f in scratch.glob("rank*.pt"):
         f.unlink()
+    if world == 1:  # in this process (no process group); the thread settings are restored after
+        threads, lapack = torch.get_num_threads(), os.environ.get("SOAP_LAPACK_THREADS")
+        try:
+            _worker(0, 1, 0, args, str(scratch))
+        finally:
+            torch.set_num_threads(threads)
+            if lapack is None:
+                os.environ.pop("SOAP_LAPACK_THREADS", None)
+            else:
+                os.environ["SOAP_LAPACK_THREADS"] = lapack
+        return [torch.load(scratch / "rank0.pt")]
     ctx = torch.multiprocessing.get_context("spawn")
     port = _free_port()
     procs = [ctx.Process(target=_worker, args=(r, world, port, args, str(scratch))) for r in range(world)]

@@ -732,3 +732,21 @@ def test_owner_assignment_is_greedy_and_deterministic():
 def test_reference_backend_is_refused():
     with pytest.raises(ValueError, match="batched engine"):
         ShardedSOAP(make_params(), backend="reference")
+
+
+def test_benchmark_script_runs(tmp_path, monkeypatch):
+    """benchmarks/bench_distributed.py end to end, one process on a tiny set (the ranks' side is
+    what the spawned tests above exercise); it measures, nothing is asserted about speed."""
+    import importlib
+
+    monkeypatch.syspath_prepend(str(Path(__file__).resolve().parent.parent / "benchmarks"))
+    bench = importlib.import_module("bench_distributed")
+    out = tmp_path / "distributed.json"
+    threads = torch.get_num_threads()
+    payload = bench.main(["--worlds", "1", "--steps", "2", "--warmup", "1", "--shape", "16,1,64,16",
+                          "--frequency", "2", "--out", str(out)])
+    assert torch.get_num_threads() == threads
+    (rank,) = payload["worlds"]["1"]
+    assert out.exists() and rank["rank"] == 0
+    assert rank["ShardedSOAP"]["cpu_ms"]["median"] > 0 and rank["SOAP"]["wall_ms"]["median"] > 0
+    assert rank["ShardedSOAP"]["bytes_sent_per_step"] == 0
