@@ -312,6 +312,19 @@ def _fsdp_worker(rank: int, world: int, out: Path) -> dict:
         opt.step()
     results["fsdp_bf16_comm"] = {"params": [p.full_tensor() for p in params], "state": opt.state_dict()}
 
+    model = Net()
+    _shard(model, mesh)
+    params = list(model.parameters())
+    opt = ShardedSOAP(params, **FSDP_KW, nonfinite="skip")
+    for t in range(6):
+        for p, grad in zip(params, fsdp_grads(model, t)):
+            p.grad = distribute_tensor(grad, mesh, p.placements)
+        if t == 3 and rank == 1:
+            params[0].grad.to_local()[0, 0] = float("nan")  # in rank 1's shard only
+        opt.step()
+    results["fsdp_nonfinite"] = {"params": [p.full_tensor() for p in params], "state": opt.state_dict(),
+                                 "skipped": opt.skipped_steps}
+
     source = out / f"fsdp_w{world - 1}.pt"
     if source.exists():
         saved = torch.load(source)
@@ -454,6 +467,13 @@ def _references(out: Path) -> dict:
         if t + 1 == FSDP_SAVE_AT:
             refs["fsdp_half"] = [p.detach().clone() for p in model.parameters()]
     refs["fsdp"] = record(opt, list(model.parameters()))
+    model = Net()
+    opt = SOAP(model.parameters(), **FSDP_KW)
+    for t in (0, 1, 2, 4, 5):  # step 3 skipped
+        for p, grad in zip(model.parameters(), fsdp_grads(model, t)):
+            p.grad = grad
+        opt.step()
+    refs["fsdp_nonfinite"] = record(opt, list(model.parameters()))
     model = Net()
     opt = SOAP(model.parameters(), **FSDP_KW)
     grads = []
@@ -677,6 +697,15 @@ def test_fsdp2_bf16_communication(runs, world):
             assert torch.equal(t, ref_tensors[name]), name
         for i, (a, b) in enumerate(zip(got["params"], ref["params"])):
             assert report(f"bf16-comm param {i}", a, b) <= TOLERANCE[torch.float32]["param"]
+
+
+@pytest.mark.parametrize("world", WORLDS)
+def test_fsdp2_nonfinite_shard_on_one_rank_skips_everywhere(runs, world):
+    for results in runs["worlds"][world]:
+        got = results["fsdp"]["fsdp_nonfinite"]
+        assert got["skipped"] == 1
+        ref = runs["refs"]["fsdp_nonfinite"]
+        assert_same_run({"params": got["params"], "state": {**got["state"], "skipped_steps": 0}}, ref, exact=False)
 
 
 def test_fsdp2_checkpoint_from_two_ranks_continues_on_three(runs):
