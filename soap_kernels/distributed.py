@@ -195,7 +195,8 @@ class ShardedSOAP(SOAP):
             (the default fp32 holds fp32, bf16 and fp16) travel as values, bit for bit; for the
             others the update travels rounded to ``comm_dtype`` and every rank applies it.
 
-    ``step``, ``state_dict`` and ``load_state_dict`` are collective: every rank calls them.
+    ``step`` and ``state_dict`` are collective: every rank calls them (``load_state_dict`` too,
+    with the same full state dict, though it does not communicate).
     """
 
     def __init__(
@@ -215,7 +216,6 @@ class ShardedSOAP(SOAP):
         self._group = self._resolve_group(process_group)
         self._entries: list[_Entry] = []
         self._initialized: set[int] = set()  # indices of the parameters with state on some rank
-        self._owned_cost = 0.0
         self._costs: list[tuple[int, float]] = []  # (owner, cost) per bucket of the plan
         self._built: tuple | None = None  # the plan signature the buckets were built for
         self._loading = False
@@ -304,7 +304,7 @@ class ShardedSOAP(SOAP):
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         """Load a full state dict (any world size, any backend; the same one on every rank) and
-        keep what this rank owns. Collective only through the plan, which needs no communication."""
+        keep what this rank owns. No communication: every rank computes the same plan."""
         self._loading = True
         try:
             super().load_state_dict(state_dict)
@@ -315,13 +315,13 @@ class ShardedSOAP(SOAP):
         world, rank = self.world_size, self.rank
         engine = self._engine
         entries: list[_Entry] = []
-        normalize_any = self.second_moment != "adam"
+        elementwise_moments = self.second_moment == "adam"  # Adafactor's factored moment is not
         for gi, group in enumerate(self.param_groups):
             for p in group["params"]:
                 layout = self.layout_of(p, group)
                 if not _is_dtensor(p):
                     kind = REPLICATED
-                elif layout.any_preconditioned or group["normalize_grads"] or normalize_any:
+                elif layout.any_preconditioned or group["normalize_grads"] or not elementwise_moments:
                     kind = GATHERED
                 else:
                     kind = LOCAL
