@@ -39,7 +39,10 @@ from .reference import Layout
 __all__ = ["Bucket", "BatchedEngine", "bucket_key"]
 
 # A basis is a product of orthogonal factors; re-orthonormalise it every this many refreshes.
-# The error grows by about one fp32 rounding per refresh, so this bounds ||QᵀQ − I|| near 1e-6.
+# The error grows by about one fp32 rounding per refresh between two. Measured (python/soak.py and
+# f = 1 runs): max ||QᵀQ − I||_F = 3.4e-6 (d = 16), 8.2e-6 (d = 64), 2.5e-5 (d = 256), at most 1.8×
+# the error of the fp32 eigh that made the first basis, with no growth over 3000 refreshes; the QR
+# costs ~2% of the step time at f = 1 (less at larger f).
 REORTHONORMALIZE_EVERY = 8
 
 # ``on_failure(param, working dim, what)``: told when a factorisation failed in fp32 and fp64 and

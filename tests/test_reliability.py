@@ -493,14 +493,15 @@ def test_always_zero_gradient_stays_finite(backend):
 
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_single_large_gradient_spike_is_absorbed(backend):
-    """A 1e4× spike at one step: everything stays finite, no factorisation fails, the run goes on."""
+    """A 1e15× spike at one step (squares up to ~1e32, inside fp32): everything stays finite, no
+    factorisation fails, the run goes on."""
     params = make_params(SHAPES)
     opt = SOAP(params, backend=backend, **KW)
     with warnings.catch_warnings(record=True) as record:
         warnings.simplefilter("always")
         for t, grads in enumerate(grad_stream(SHAPES, 8)):
             if t == 3:
-                grads = [g * 1e4 for g in grads]
+                grads = [g * 1e15 for g in grads]
             apply_grads(params, grads)
             opt.step()
     assert not factorisation_warnings(record)
@@ -509,12 +510,34 @@ def test_single_large_gradient_spike_is_absorbed(backend):
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
-def test_overflowing_gradient_spike_keeps_params_and_q_finite(backend):
-    """A finite spike whose square overflows fp32 (1e20): the statistics saturate (inf/NaN, as in
-    AdamW's second moment), but no parameter and no Q becomes non-finite; the basis is kept and
-    each affected parameter warns once."""
+def test_gradient_whose_square_overflows_is_refused_or_skipped(backend):
+    """A finite spike whose squared norm overflows fp32 (1e20) would make the fp32 statistics
+    inf/NaN for good: the check treats it as non-finite (raise: named, nothing changes; skip)."""
     params = make_params(SHAPES)
     opt = SOAP(params, backend=backend, **KW)
+    grads = list(grad_stream(SHAPES, 4))
+    run(opt, params, grads[:3])
+    spike = [g.clone() for g in grads[3]]
+    spike[2] = spike[2] * 1e20
+    apply_grads(params, spike)
+    before = snapshot(opt, params)
+    with pytest.raises(ValueError, match=r"gradient too large for parameter 2 of param group 0 \(shape \(4, 3, 2\)\): "
+                                         r"its squared norm overflows float32"):
+        opt.step()
+    assert_unchanged(before, opt, params)
+    opt.nonfinite = "skip"
+    opt.step()
+    assert_unchanged(before, opt, params)
+    assert opt.skipped_steps == 1
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_overflowing_spike_unchecked_keeps_params_and_q_finite(backend):
+    """The same spike with nonfinite="ignore": the statistics saturate (inf/NaN, as AdamW's second
+    moment would), but no parameter and no Q becomes non-finite; every refresh of a saturated
+    factor then fails and keeps the basis, and each affected parameter warns once."""
+    params = make_params(SHAPES)
+    opt = SOAP(params, backend=backend, nonfinite="ignore", **KW)
     with warnings.catch_warnings(record=True) as record:
         warnings.simplefilter("always")
         for t, grads in enumerate(grad_stream(SHAPES, 7)):
