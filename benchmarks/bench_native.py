@@ -280,7 +280,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         "reps": args.reps,
         "warmup": args.warmup,
         "hyperparameters": {"beta1": BETA1, "beta2": BETA2, "eps": EPS, "lr": LR, "weight_decay": WEIGHT_DECAY},
-        "timer": "time.perf_counter, median over reps after warm-up",
+        "timer": "time.perf_counter, candidates interleaved per repetition, median over reps after warm-up",
     }
     print(
         f"{meta['device']}, torch {meta['torch']} ({meta['torch_cpu_capability']}), "
