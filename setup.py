@@ -83,6 +83,9 @@ def _extension_setup() -> dict[str, Any]:
         _warn(f"no C++ compiler ({compiler!r} not found; set CXX); building no native extension")
         return {}
 
+    if not SOURCE_LIST.exists():  # e.g. an sdist made without csrc/ (see MANIFEST.in)
+        _warn(f"{SOURCE_LIST} is missing; building no native extension")
+        return {}
     sources = _read_sources()
     cpp_sources = [s for s in sources if not s.endswith(".cu")]
     cuda_sources = [s for s in sources if s.endswith(".cu")]
