@@ -19,7 +19,7 @@ test: install
 	bash .ci/tests.sh
 
 lint:
-	ruff check soap_kernels tests benchmarks python
+	ruff check soap_kernels tests benchmarks python setup.py
 
 bench: install
 	$(PYTHON) benchmarks/bench_step.py
