@@ -29,6 +29,7 @@ import platform
 import resource
 import sys
 import time
+import types
 from pathlib import Path
 
 import torch
@@ -51,16 +52,17 @@ def parse_floats(text: str) -> list[float]:
     return [float(x) for x in text.split(",") if x.strip()]
 
 
-def parse_lr_grid(items: list[str]) -> dict[str, list[float]]:
-    """``["adamw=1e-3,3e-3", "soap=3e-3"]`` -> ``{"adamw": [1e-3, 3e-3], "soap": [3e-3]}``."""
-    grid: dict[str, list[float]] = {}
-    for item in items:
-        name, sep, values = item.partition("=")
-        name = name.strip()
-        if not sep or name not in OPTIMIZERS or not values.strip():
-            raise argparse.ArgumentTypeError(f"--lr-grid item {item!r}: expected NAME=LR[,LR...], NAME in {OPTIMIZERS}")
-        grid[name] = parse_floats(values)
-    return grid
+def parse_lr_item(item: str) -> tuple[str, list[float]]:
+    """One ``--lr-grid`` item: ``"adamw=1e-3,3e-3"`` -> ``("adamw", [1e-3, 3e-3])``."""
+    name, sep, values = item.partition("=")
+    name = name.strip()
+    try:
+        lrs = parse_floats(values)
+    except ValueError:
+        lrs = []
+    if not sep or name not in OPTIMIZERS or not lrs or min(lrs) <= 0:
+        raise argparse.ArgumentTypeError(f"{item!r}: expected NAME=LR[,LR...] with NAME in {OPTIMIZERS} and LR > 0")
+    return name, lrs
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -71,6 +73,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--lr-grid",
         nargs="+",
+        type=parse_lr_item,
         default=[],
         metavar="NAME=LR[,LR...]",
         help="per-optimizer learning rates to try, e.g. adamw=1e-3,3e-3 soap=3e-3,1e-2 "
@@ -106,8 +109,14 @@ def resolve_config(args: argparse.Namespace) -> dict:
     unknown = sorted(set(optimizers) - set(OPTIMIZERS))
     if unknown or not optimizers:
         raise SystemExit(f"--optimizers: unknown {unknown}; choose from {OPTIMIZERS}")
-    grid = parse_lr_grid(args.lr_grid)
-    steps = args.steps or preset.steps
+    grid = dict(args.lr_grid)
+
+    def pick(value: int | None, default: int) -> int:
+        return default if value is None else value
+
+    steps = pick(args.steps, preset.steps)
+    if steps < 1:
+        raise SystemExit(f"--steps must be >= 1, got {steps}")
     betas = parse_floats(args.betas)
     if len(betas) != 2:
         raise SystemExit(f"--betas needs two numbers, got {args.betas!r}")
@@ -116,12 +125,12 @@ def resolve_config(args: argparse.Namespace) -> dict:
         "d_model": preset.d_model,
         "n_layers": preset.n_layers,
         "n_heads": preset.n_heads,
-        "ctx": args.ctx or preset.ctx,
-        "batch_size": args.batch_size or preset.batch_size,
+        "ctx": pick(args.ctx, preset.ctx),
+        "batch_size": pick(args.batch_size, preset.batch_size),
         "steps": steps,
-        "eval_every": args.eval_every or preset.eval_every,
-        "eval_batches": args.eval_batches or preset.eval_batches,
-        "warmup_steps": args.warmup_steps if args.warmup_steps is not None else max(1, steps // 10),
+        "eval_every": pick(args.eval_every, preset.eval_every),
+        "eval_batches": pick(args.eval_batches, preset.eval_batches),
+        "warmup_steps": pick(args.warmup_steps, max(1, steps // 10)),
         "min_lr_ratio": args.min_lr_ratio,
         "weight_decay": args.weight_decay,
         "betas": betas,
@@ -137,6 +146,9 @@ def resolve_config(args: argparse.Namespace) -> dict:
         "bf16": args.bf16,
         "threads": args.threads,
     }
+    for key in ("ctx", "batch_size", "eval_every", "eval_batches"):
+        if config[key] < 1:
+            raise SystemExit(f"--{key.replace('_', '-')} must be >= 1, got {config[key]}")
     config["tokens_per_step"] = config["batch_size"] * config["ctx"]
     config["token_budget"] = config["tokens_per_step"] * steps
     return config
@@ -175,22 +187,36 @@ def warmup_cosine(warmup_steps: int, total_steps: int, min_ratio: float):
 
 
 def state_bytes(optimizer: torch.optim.Optimizer) -> int:
-    """Bytes of the tensors held in ``optimizer.state``, each storage counted once (views share)."""
-    seen: dict[int, int] = {}
+    """Bytes of the tensors reachable from ``optimizer`` other than the parameters, storages counted once.
 
-    def visit(obj) -> None:
+    Walks the optimizer object rather than ``optimizer.state`` alone: soap_kernels keeps its state in
+    stacked per-bucket tensors (some, like the rotated-frame statistics, not shown in ``state``), and
+    ``state_dict()`` would instead count a freshly exported copy in the reference's layout.
+    """
+    parameters = {p.untyped_storage().data_ptr() for g in optimizer.param_groups for p in g["params"]}
+    skipped = (type, types.ModuleType, types.FunctionType, types.BuiltinFunctionType, types.MethodType, str, bytes, int, float)
+    storages: dict[int, int] = {}
+    visited: set[int] = set()
+    pending: list = [optimizer]
+    while pending:
+        obj = pending.pop()
+        if obj is None or id(obj) in visited or isinstance(obj, skipped):
+            continue
+        visited.add(id(obj))
         if isinstance(obj, torch.Tensor):
             storage = obj.untyped_storage()
-            seen[storage.data_ptr()] = storage.nbytes()
+            if storage.data_ptr() not in parameters:
+                storages[storage.data_ptr()] = storage.nbytes()
         elif isinstance(obj, dict):
-            for value in obj.values():
-                visit(value)
-        elif isinstance(obj, list | tuple):
-            for value in obj:
-                visit(value)
-
-    visit(list(optimizer.state.values()))
-    return sum(seen.values())
+            pending.extend(obj.keys())
+            pending.extend(obj.values())
+        elif isinstance(obj, list | tuple | set | frozenset):
+            pending.extend(obj)
+        else:
+            pending.extend(getattr(obj, "__dict__", {}).values())
+            for slot in getattr(type(obj), "__slots__", ()):
+                pending.append(getattr(obj, slot, None))
+    return sum(storages.values())
 
 
 # ------------------------------------------------------------------------------------- training
@@ -364,34 +390,49 @@ def main(argv: list[str] | None = None) -> dict:
         file=sys.stderr,
     )
 
-    runs = []
+    env = environment(device)
+    command = " ".join([Path(sys.argv[0]).name, *(argv if argv is not None else sys.argv[1:])])
+    runs: list[dict] = []
     started = time.perf_counter()
+
+    def write_results(complete: bool) -> tuple[dict, dict]:
+        # Rewritten after every run, so an interrupted grid keeps the runs it finished.
+        summary = summarize(runs, config["optimizers"])
+        results = {
+            "date": datetime.datetime.now().astimezone().isoformat(timespec="seconds"),
+            "command": command,
+            "complete": complete,
+            "config": config,
+            "environment": env,
+            "total_time_s": time.perf_counter() - started,
+            "summary": summary,
+            "table": format_table(summary),
+            "runs": runs,
+        }
+        results = _json_safe(results)
+        (out / "results.json").write_text(json.dumps(results, indent=1))
+        return results, summary
+
     for name in config["optimizers"]:
         for lr in config["lr_grid"][name]:
             for seed in config["seeds"]:
-                runs.append(train_run(name, lr, seed, corpus, val_batches, config, not args.no_progress))
-    total_s = time.perf_counter() - started
-
-    summary = summarize(runs, config["optimizers"])
-    table = format_table(summary)
-    results = {
-        "date": datetime.datetime.now().astimezone().isoformat(timespec="seconds"),
-        "command": " ".join([Path(sys.argv[0]).name, *(argv if argv is not None else sys.argv[1:])]),
-        "config": config,
-        "environment": environment(device),
-        "total_time_s": total_s,
-        "summary": summary,
-        "table": table,
-        "runs": runs,
-    }
-    results = _json_safe(results)
-    (out / "results.json").write_text(json.dumps(results, indent=1))
+                run = train_run(name, lr, seed, corpus, val_batches, config, not args.no_progress)
+                runs.append(run)
+                final = f"{run['val_loss'][-1]:.4f}" if run["val_loss"] else "-"
+                print(
+                    f"[{len(runs)}] {name} lr={lr:g} seed={seed}: {run['status']}, val loss {final}, "
+                    f"train {run['train_time_s']:.1f} s (optimizer.step {run['optimizer_share']:.1%})",
+                    file=sys.stderr,
+                )
+                write_results(complete=False)
+    results, summary = write_results(complete=True)
+    total_s = results["total_time_s"]
     plot_curves(
         summary, out / "loss_curves.png",
         title=f"{args.preset}: {n_params:,} params, {config['token_budget']:,} tokens, "
         f"batch {config['batch_size']}x{config['ctx']}, {device}, mean over seeds {config['seeds']}",
     )  # fmt: skip
-    print(table)
+    print(results["table"])
     print(f"total {total_s:.1f} s; wrote {out / 'results.json'} and {out / 'loss_curves.png'}")
     return results
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import gzip
 import json
 import lzma
@@ -110,11 +111,15 @@ def test_help_exits_cleanly(capsys: pytest.CaptureFixture[str]) -> None:
     assert "--lr-grid" in capsys.readouterr().out
 
 
-def test_parse_lr_grid() -> None:
-    assert train_lm.parse_lr_grid(["adamw=1e-3,3e-3", "soap=0.01"]) == {"adamw": [1e-3, 3e-3], "soap": [0.01]}
-    for bad in (["adam=1e-3"], ["adamw"], ["adamw="]):
-        with pytest.raises(Exception, match="lr-grid"):
-            train_lm.parse_lr_grid(bad)
+def test_lr_grid_option() -> None:
+    args = train_lm.build_parser().parse_args(["--lr-grid", "adamw=1e-3,3e-3", "soap=0.01", "--seeds", "0"])
+    assert dict(args.lr_grid) == {"adamw": [1e-3, 3e-3], "soap": [0.01]}
+    config = train_lm.resolve_config(args)
+    assert config["lr_grid"]["adamw"] == [1e-3, 3e-3]
+    assert config["lr_grid"]["shampoo"] == [train_lm.PRESETS["cpu"].lr["shampoo"]]
+    for bad in ("adam=1e-3", "adamw", "adamw=", "adamw=x", "adamw=-1"):
+        with pytest.raises(argparse.ArgumentTypeError, match="NAME=LR"):
+            train_lm.parse_lr_item(bad)
 
 
 def test_warmup_cosine() -> None:
