@@ -12,6 +12,13 @@ wall-clock each needs to reach AdamW's final validation loss, with the ratios to
     python python/train_lm.py --preset tiny --optimizers adamw
     python python/train_lm.py --preset gpu --device cuda --bf16 \\
         --lr-grid adamw=1e-3,2e-3,4e-3 soap=1.5e-3,3e-3,6e-3 --seeds 0,1
+    torchrun --nproc_per_node=2 python/train_lm.py --ddp --preset tiny      # 2 CPU processes (gloo)
+    torchrun --nproc_per_node=8 python/train_lm.py --ddp --device cuda     # 8 GPUs (nccl)
+
+``--ddp`` (under ``torchrun``): the model is wrapped in DistributedDataParallel and each rank
+takes its share of the same global batch (so the token budget and the batches match a
+single-process run); SOAP and Shampoo run as ``soap_kernels.distributed.ShardedSOAP``, each rank
+updating the buckets it owns. Rank 0 prints and writes the results.
 
 Optimizers: ``adamw`` (torch.optim.AdamW), ``soap`` (soap_kernels.SOAP) and ``shampoo``
 (soap_kernels.SOAP with ``second_moment="adafactor"``: Shampoo with exponent 1/2 in the SOAP
@@ -99,6 +106,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--threads", type=int, help="torch CPU threads (torch's default if omitted)")
     p.add_argument("--out", type=Path, help="output folder (default runs/lm-<timestamp>)")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
+    p.add_argument("--ddp", action="store_true",
+                   help="data parallel under torchrun (gloo on cpu, nccl on cuda); SOAP/Shampoo shard their work")
     return p
 
 
@@ -145,10 +154,14 @@ def resolve_config(args: argparse.Namespace) -> dict:
         "device": args.device,
         "bf16": args.bf16,
         "threads": args.threads,
+        "ddp": args.ddp,
+        "world_size": _world_size(),
     }
     for key in ("ctx", "batch_size", "eval_every", "eval_batches"):
         if config[key] < 1:
             raise SystemExit(f"--{key.replace('_', '-')} must be >= 1, got {config[key]}")
+    if config["batch_size"] % config["world_size"]:
+        raise SystemExit(f"--batch-size {config['batch_size']} must be a multiple of the {config['world_size']} ranks")
     config["tokens_per_step"] = config["batch_size"] * config["ctx"]
     config["token_budget"] = config["tokens_per_step"] * steps
     return config
@@ -163,7 +176,11 @@ def make_optimizer(name: str, param_groups: list[dict], lr: float, config: dict)
     from soap_kernels import SOAP
 
     second_moment = {"soap": "adam", "shampoo": "adafactor"}[name]
-    return SOAP(
+    if config.get("ddp"):  # the same arguments; each rank updates the buckets it owns
+        from soap_kernels.distributed import ShardedSOAP as optimizer_class
+    else:
+        optimizer_class = SOAP
+    return optimizer_class(
         param_groups,
         lr=lr,
         betas=betas,
@@ -247,12 +264,15 @@ def train_run(name: str, lr: float, seed: int, corpus: CharCorpus, val_batches: 
     torch.manual_seed(seed)
     model = GPT(GPTConfig(corpus.vocab_size, config["ctx"], config["d_model"], config["n_layers"], config["n_heads"])).to(device)
     data_generator = torch.Generator().manual_seed(seed)
+    module, rank, world = model, _rank(), config["world_size"]
+    if config.get("ddp"):
+        model = torch.nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
 
     def log_eval(step: int) -> None:
         t0 = time.perf_counter()
-        loss = evaluate(model, val_batches, device, bf16)
+        loss = evaluate(module, val_batches, device, bf16)
         record["eval_time_s"] += time.perf_counter() - t0
         record["eval_steps"].append(step)
         record["val_loss"].append(loss)
@@ -260,13 +280,16 @@ def train_run(name: str, lr: float, seed: int, corpus: CharCorpus, val_batches: 
 
     bar = tqdm(total=steps, desc=f"{name} lr={lr:g} seed={seed}", disable=not progress, leave=True)
     try:
-        optimizer = make_optimizer(name, model.param_groups(config["weight_decay"]), lr, config)
+        optimizer = make_optimizer(name, module.param_groups(config["weight_decay"]), lr, config)
         scheduler = LambdaLR(optimizer, warmup_cosine(config["warmup_steps"], steps, config["min_lr_ratio"]))
         log_eval(0)
         for step in range(1, steps + 1):
             sync()
             t0 = time.perf_counter()
             x, y = corpus.train_batch(config["batch_size"], config["ctx"], data_generator)
+            if world > 1:  # this rank's share of the global batch
+                share = config["batch_size"] // world
+                x, y = x[rank * share:(rank + 1) * share], y[rank * share:(rank + 1) * share]
             x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
             with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
                 loss = model(x, y)
@@ -281,6 +304,10 @@ def train_run(name: str, lr: float, seed: int, corpus: CharCorpus, val_batches: 
             record["train_time_s"] += time.perf_counter() - t0
             record["optimizer_time_s"] += t2 - t1
             record["steps_done"] = step
+            if world > 1:  # the global batch's loss, as a single process sees it
+                loss = loss.detach().clone()
+                torch.distributed.all_reduce(loss)
+                loss /= world
             loss_value = loss.item()
             record["train_loss"].append(loss_value)
             bar.update()
@@ -359,17 +386,50 @@ def _json_safe(obj):
     return obj
 
 
+def _world_size() -> int:
+    dist = torch.distributed
+    return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+
+
+def _rank() -> int:
+    dist = torch.distributed
+    return dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
+
+
+def init_distributed(device: str) -> torch.device:
+    """``--ddp``: join the process group torchrun describes; returns this rank's device."""
+    if "RANK" not in os.environ:
+        raise SystemExit("--ddp: run under torchrun, e.g. torchrun --nproc_per_node=2 python/train_lm.py --ddp")
+    local_rank = int(os.environ.get("LOCAL_RANK", 0))
+    if device == "cuda":
+        torch.cuda.set_device(local_rank)
+    torch.distributed.init_process_group("nccl" if device == "cuda" else "gloo")
+    return torch.device("cuda", local_rank) if device == "cuda" else torch.device("cpu")
+
+
 def main(argv: list[str] | None = None) -> dict:
-    """Run the comparison; returns what it wrote to ``results.json``."""
+    """Run the comparison; returns what it wrote to ``results.json`` (every rank, under ``--ddp``)."""
     args = build_parser().parse_args(argv)
+    if args.device == "cuda" and not torch.cuda.is_available():
+        raise SystemExit("--device cuda: no CUDA device is available")
+    device = init_distributed(args.device) if args.ddp else torch.device(args.device)
+    try:
+        return _main(args, device, argv)
+    finally:
+        if args.ddp:
+            torch.distributed.destroy_process_group()
+
+
+def _main(args: argparse.Namespace, device: torch.device, argv: list[str] | None) -> dict:
     config = resolve_config(args)
     if args.threads:
         torch.set_num_threads(args.threads)
-    device = torch.device(args.device)
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise SystemExit("--device cuda: no CUDA device is available")
+    if device.type == "cuda":
+        config["device"] = str(device)
+    leader = _rank() == 0  # prints and writes; under --ddp every rank computes the same summary
     out = args.out or Path("runs") / f"lm-{datetime.datetime.now():%Y%m%d-%H%M%S}"
-    out.mkdir(parents=True, exist_ok=True)
+    if leader:
+        out.mkdir(parents=True, exist_ok=True)
 
     corpus = CharCorpus(load_text(args.corpus), args.val_fraction)
     corpus.check_fits(config["ctx"], config["batch_size"])
@@ -383,12 +443,14 @@ def main(argv: list[str] | None = None) -> dict:
         epochs=config["token_budget"] / len(corpus.train),
         val_tokens_per_eval=config["eval_batches"] * config["tokens_per_step"],
     )  # fmt: skip
-    print(
-        f"{args.preset}: {n_params:,} parameters, vocab {corpus.vocab_size}, "
-        f"{config['steps']} steps x {config['batch_size']} x {config['ctx']} = {config['token_budget']:,} tokens "
-        f"({config['epochs']:.2f} epochs of {len(corpus.train):,} training chars), device {device}",
-        file=sys.stderr,
-    )
+    ranks = f" x {config['world_size']} ranks (ddp)" if config["ddp"] else ""
+    if leader:
+        print(
+            f"{args.preset}: {n_params:,} parameters, vocab {corpus.vocab_size}, "
+            f"{config['steps']} steps x {config['batch_size']} x {config['ctx']} = {config['token_budget']:,} tokens "
+            f"({config['epochs']:.2f} epochs of {len(corpus.train):,} training chars), device {device}{ranks}",
+            file=sys.stderr,
+        )
 
     env = environment(device)
     command = " ".join([Path(sys.argv[0]).name, *(argv if argv is not None else sys.argv[1:])])
@@ -410,23 +472,27 @@ def main(argv: list[str] | None = None) -> dict:
             "runs": runs,
         }
         results = _json_safe(results)
-        (out / "results.json").write_text(json.dumps(results, indent=1))
+        if leader:
+            (out / "results.json").write_text(json.dumps(results, indent=1))
         return results, summary
 
     for name in config["optimizers"]:
         for lr in config["lr_grid"][name]:
             for seed in config["seeds"]:
-                run = train_run(name, lr, seed, corpus, val_batches, config, not args.no_progress)
+                run = train_run(name, lr, seed, corpus, val_batches, config, leader and not args.no_progress)
                 runs.append(run)
                 final = f"{run['val_loss'][-1]:.4f}" if run["val_loss"] else "-"
-                print(
-                    f"[{len(runs)}] {name} lr={lr:g} seed={seed}: {run['status']}, val loss {final}, "
-                    f"train {run['train_time_s']:.1f} s (optimizer.step {run['optimizer_share']:.1%})",
-                    file=sys.stderr,
-                )
+                if leader:
+                    print(
+                        f"[{len(runs)}] {name} lr={lr:g} seed={seed}: {run['status']}, val loss {final}, "
+                        f"train {run['train_time_s']:.1f} s (optimizer.step {run['optimizer_share']:.1%})",
+                        file=sys.stderr,
+                    )
                 write_results(complete=False)
     results, summary = write_results(complete=True)
     total_s = results["total_time_s"]
+    if not leader:
+        return results
     plot_curves(
         summary, out / "loss_curves.png",
         title=f"{args.preset}: {n_params:,} params, {config['token_budget']:,} tokens, "
