@@ -9,8 +9,9 @@ whole set. For each refresh frequency ``f`` and parameter dtype (fp32, bf16) the
   tenth's, and the last tenth's is below the middle tenth's (bf16 is allowed to have reached its
   rounding floor: the last tenth may be within ``--bf16-floor`` of the middle one);
 * the eigenbases stay orthonormal: ``max ||QᵀQ − I||_F`` over every factor and every step is below
-  ``--q-bound`` (the engine re-orthonormalises each basis every ``REORTHONORMALIZE_EVERY``
-  refreshes; between two the error grows by about one fp32 rounding per refresh).
+  ``--q-bound`` (default 1e-5, for this problem's factors of size <= 48; the engine re-orthonormalises
+  each basis every ``REORTHONORMALIZE_EVERY`` refreshes, and between two the error grows by about one
+  fp32 rounding per refresh: measured 7.3e-6 over 3000 refreshes, the fp32 eigh's own error level).
 
 It also reports the share of step time spent re-orthonormalising. Exit status 1 if a check fails.
 

@@ -180,12 +180,12 @@ class SOAP(torch.optim.Optimizer):
             does, and counted in ``skipped_steps`` (also saved in ``state_dict()``). ``"ignore"``:
             no check (no host synchronisation, e.g. for CUDA-graph capture); a non-finite gradient
             then poisons the state, as in the reference. The check is one fused 2-norm reduction
-            per (device, dtype) and one host read per step. ``"raise"`` is the default because it cannot get in
-            AMP's way (``GradScaler.step`` unscales, finds the inf and does not call ``step()`` at
-            all) and because, without a scaler, a NaN gradient is a bug to see at once rather than
-            a stream of silently skipped steps. With ``"ignore"`` such a gradient saturates the
-            statistics (as AdamW's second moment would); parameters and bases stay finite, and the
-            basis is then kept, with a warning.
+            per (device, dtype) and one host read per step. ``"raise"`` is the default because it
+            cannot get in AMP's way (``GradScaler.step`` unscales, finds the inf and does not call
+            ``step()`` at all) and because, without a scaler, a NaN gradient is a bug to see at
+            once rather than a stream of silently skipped steps. With ``"ignore"`` an overflowing
+            gradient saturates the statistics (as AdamW's second moment would); parameters and
+            bases stay finite, and the basis is then kept, with a warning.
     """
 
     def __init__(
