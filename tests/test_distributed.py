@@ -779,3 +779,32 @@ def test_benchmark_script_runs(tmp_path, monkeypatch):
     assert out.exists() and rank["rank"] == 0
     assert rank["ShardedSOAP"]["cpu_ms"]["median"] > 0 and rank["SOAP"]["wall_ms"]["median"] > 0
     assert rank["ShardedSOAP"]["bytes_sent_per_step"] == 0
+
+
+def test_train_lm_ddp_under_torchrun(tmp_path, monkeypatch):
+    """python/train_lm.py --ddp in 2 gloo processes started by torchrun; its loss curve follows the
+    single-process run's on the same global batches (gradients differ by the all-reduce's rounding)."""
+    import importlib
+    import json
+    import subprocess
+    import sys
+
+    root = Path(__file__).resolve().parent.parent
+    env = {**os.environ, "PYTHONPATH": str(root), "OMP_NUM_THREADS": "1", "SOAP_LAPACK_THREADS": "1"}
+    common = ["--preset", "tiny", "--optimizers", "soap", "--no-progress", "--threads", "1"]
+    launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
+    proc = subprocess.run([*launcher, str(root / "python" / "train_lm.py"), *common, "--ddp", "--out", str(tmp_path / "ddp")],
+                          env=env, capture_output=True, text=True, timeout=WORKER_TIMEOUT_S)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    ddp = json.loads((tmp_path / "ddp" / "results.json").read_text())
+    assert ddp["config"]["ddp"] and ddp["config"]["world_size"] == 2
+    assert ddp["runs"][0]["status"] == "ok"
+
+    monkeypatch.syspath_prepend(str(root / "python"))
+    train_lm = importlib.import_module("train_lm")
+    with _single_threaded():
+        single = train_lm.main([*common, "--out", str(tmp_path / "single")])
+    a, b = ddp["runs"][0]["train_loss"], single["runs"][0]["train_loss"]
+    print("train loss ddp   ", [round(x, 5) for x in a])
+    print("train loss single", [round(x, 5) for x in b])
+    assert len(a) == len(b) and max(abs(x - y) for x, y in zip(a, b)) < 1e-3
