@@ -2,6 +2,7 @@
 
 __version__ = "0.1.0"
 
+from .distributed import ShardedSOAP  # noqa: E402
 from .optimizer import SOAP  # noqa: E402
 from .schedules import *  # noqa: E402, F403
 from .schedules import __all__ as _schedules_all  # noqa: E402
@@ -14,4 +15,4 @@ def backend_info(device=None) -> dict:
     return _backend_info(device)
 
 
-__all__ = ["SOAP", "backend_info", "__version__", *_schedules_all]
+__all__ = ["SOAP", "ShardedSOAP", "backend_info", "__version__", *_schedules_all]
