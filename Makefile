@@ -13,7 +13,7 @@ install:
 	$(PIP) install -q --no-build-isolation -e ".[dev]"
 
 demo: install
-	$(PYTHON) benchmarks/bench_step.py
+	$(PYTHON) python/train_lm.py
 
 test: install
 	bash .ci/tests.sh
