@@ -258,12 +258,18 @@ def _accumulate_statistics(state: dict, grad_work: Tensor, shampoo_beta: float) 
 
 
 def _refresh(state: dict, layout: Layout, dims: set[int] | None = None,
-             on_failure: FailureHook | None = None) -> None:
-    """Sort eigenvalue estimates, permute ``exp_avg_sq``, power step + QR (reference order).
+             on_failure: FailureHook | None = None, second_moment: str = "adam") -> None:
+    """Sort eigenvalue estimates, permute the second moment, power step + QR (reference order).
 
     ``dims``: the factors to refresh (``None``: all of them). A factor whose QR fails (see
-    :func:`try_qr`) keeps its basis and its ``exp_avg_sq`` order."""
-    exp_avg_sq = layout.to_work(state["exp_avg_sq"])
+    :func:`try_qr`) keeps its basis and its second-moment order. With ``second_moment="adafactor"``
+    the factored accumulators are permuted instead of a full ``exp_avg_sq`` (rows along working
+    dim 0, columns along the other dims)."""
+    if second_moment == "adam":
+        second = layout.to_work(state["exp_avg_sq"])
+    else:
+        rows, _ = _adafactor_rows_cols(layout)
+        second = (state["exp_avg_sq"][:rows], state["exp_avg_sq"][rows:])
     new_q = []
     for i, (gg, q) in enumerate(zip(state["GG"], state["Q"])):
         if len(gg) == 0 or (dims is not None and i not in dims):
@@ -278,10 +284,22 @@ def _refresh(state: dict, layout: Layout, dims: set[int] | None = None,
                     "kept the previous basis")
             new_q.append(q)
             continue
-        exp_avg_sq = exp_avg_sq.index_select(i, order)
+        second = _permute_second_moment(second, layout, i, order, second_moment)
         new_q.append(q_new)
-    state["exp_avg_sq"] = layout.from_work(exp_avg_sq).contiguous()
+    if second_moment == "adam":
+        state["exp_avg_sq"] = layout.from_work(second).contiguous()
+    else:
+        state["exp_avg_sq"] = torch.cat(second)
     state["Q"] = new_q
+
+
+def _permute_second_moment(second: Any, layout: Layout, dim: int, order: Tensor, second_moment: str) -> Any:
+    if second_moment == "adam":
+        return second.index_select(dim, order)
+    row_acc, col_acc = second
+    if dim == 0:
+        return row_acc[order], col_acc
+    return row_acc, col_acc.reshape(layout.work_shape[1:]).index_select(dim - 1, order).reshape(-1)
 
 
 def init_state(grad: Tensor, layout: Layout, group: dict, second_moment: str = "adam",
@@ -399,7 +417,7 @@ def update_param(param: Tensor, grad: Tensor, state: dict, layout: Layout, group
     if refresh is None:
         refresh = step % group["precondition_frequency"] == 0
     if refresh:
-        (_refresh if second_moment == "adam" else _refresh_adafactor)(state, layout, None, on_failure)
+        _refresh(state, layout, None, on_failure, second_moment)
     state["exp_avg"] = layout.from_work(project(exp_avg_orig, state["Q"])).contiguous()
 
 
@@ -410,7 +428,7 @@ def refresh_param(state: dict, layout: Layout, dims: set[int], second_moment: st
     decided after every parameter was updated): the same refresh, with ``exp_avg`` carried in the
     original frame across it."""
     exp_avg_orig = project_back(layout.to_work(state["exp_avg"]), state["Q"])
-    (_refresh if second_moment == "adam" else _refresh_adafactor)(state, layout, dims, on_failure)
+    _refresh(state, layout, dims, on_failure, second_moment)
     state["exp_avg"] = layout.from_work(project(exp_avg_orig, state["Q"])).contiguous()
 
 
@@ -420,34 +438,6 @@ def drift(state: dict, dim: int) -> float:
     rotated = q.T @ gg @ q
     off = rotated - torch.diag(torch.diag(rotated))
     return float(off.norm() / rotated.norm().clamp_min(torch.finfo(rotated.dtype).tiny))
-
-
-def _refresh_adafactor(state: dict, layout: Layout, dims: set[int] | None = None,
-                       on_failure: FailureHook | None = None) -> None:
-    """Refresh for the Adafactor mode: the factored accumulators are permuted instead of a full
-    ``exp_avg_sq`` (rows along working dim 0, columns along the other dims)."""
-    rows, _ = _adafactor_rows_cols(layout)
-    row_acc, col_acc = state["exp_avg_sq"][:rows], state["exp_avg_sq"][rows:]
-    new_q = []
-    for i, (gg, q) in enumerate(zip(state["GG"], state["Q"])):
-        if len(gg) == 0 or (dims is not None and i not in dims):
-            new_q.append(q)
-            continue
-        est_eig = torch.diag(q.T @ gg @ q)
-        order = torch.argsort(est_eig, descending=True)
-        q_new = try_qr(gg @ q[:, order])
-        if q_new is None:
-            _report(on_failure, i, layout.shape, "eigenbasis refresh (QR) failed in float32 and float64; "
-                    "kept the previous basis")
-            new_q.append(q)
-            continue
-        if i == 0:
-            row_acc = row_acc[order]
-        else:
-            col_acc = col_acc.reshape(layout.work_shape[1:]).index_select(i - 1, order).reshape(-1)
-        new_q.append(q_new)
-    state["exp_avg_sq"] = torch.cat([row_acc, col_acc])
-    state["Q"] = new_q
 
 
 def _write_back(state: dict, key: str, layout: Layout, work: Tensor) -> None:

@@ -41,7 +41,9 @@ def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
 def report(name: str, a: torch.Tensor, b: torch.Tensor) -> float:
     diff = (a.detach().double() - b.detach().double()).abs()
     err = rel_err(a, b)
-    print(f"{name}: rel {err:.2e}  max {float(diff.max()) if diff.numel() else 0.0:.2e}  mean {float(diff.mean()) if diff.numel() else 0.0:.2e}")
+    worst = float(diff.max()) if diff.numel() else 0.0
+    mean = float(diff.mean()) if diff.numel() else 0.0
+    print(f"{name}: rel {err:.2e}  max {worst:.2e}  mean {mean:.2e}")
     return err
 
 
