@@ -112,7 +112,7 @@ def _forced(fn, mode: str):
     return run
 
 
-def qr_impls(sets: list[Inputs], device: torch.device, rows: int) -> dict:
+def qr_impls(sets: list[Inputs], device: torch.device) -> dict:
     from soap_kernels.triton.refresh import cholesky_qr
 
     def pick(i: int) -> Inputs:
@@ -120,8 +120,7 @@ def qr_impls(sets: list[Inputs], device: torch.device, rows: int) -> dict:
 
     found: dict = {"householder-auto": lambda i: lapack.qr(pick(i).permuted)}
     if device.type == "cpu" and torch.get_num_threads() > 1:
-        modes = ["1t", "all"] + (["split"] if rows > 1 else [])
-        for mode in modes:
+        for mode in ("1t", "all", "split"):  # split with one row: one piece on one pool thread
             run = _forced(torch.linalg.qr, mode)
             found[f"householder-{mode}"] = lambda i, run=run: run(pick(i).permuted)
     found["cholesky-qr3"] = lambda i: cholesky_qr(pick(i).permuted)
@@ -129,13 +128,13 @@ def qr_impls(sets: list[Inputs], device: torch.device, rows: int) -> dict:
     return found
 
 
-def eigh_impls(sets: list[Inputs], device: torch.device, rows: int) -> dict:
+def eigh_impls(sets: list[Inputs], device: torch.device) -> dict:
     def pick(i: int) -> Inputs:
         return sets[i % len(sets)]
 
     found: dict = {"eigh-auto": lambda i: lapack.eigh(pick(i).gg)}
     if device.type == "cpu" and torch.get_num_threads() > 1:
-        for mode in ["1t", "all"] + (["split"] if rows > 1 else []):
+        for mode in ("1t", "all", "split"):
             run = _forced(torch.linalg.eigh, mode)
             found[f"eigh-{mode}"] = lambda i, run=run: run(pick(i).gg)
     return found
@@ -155,13 +154,15 @@ def cases(label: str, shapes, args, device: torch.device) -> tuple[list[dict], d
     backends, skipped = harness.soap_backends(device)
     rows: list[dict] = []
     per_step: dict[tuple[str, str], float] = {}
-    for d, r, k in refresh_cases(shapes):
+    seen: dict[tuple[str, str], int] = {}
+    all_cases = refresh_cases(shapes)
+    for d, r, k in all_cases:
         case = f"{r}x[{d}x{d}]" + (f" (x{k})" if k > 1 else "")
         sets = [Inputs(r, d, device, seed) for seed in range(harness.input_sets(6 * 4 * r * d * d, device))]
         groups = [("refresh_factor", refresh_impls(sets, backends), r * int(16 * d**3 / 3)),
-                  ("qr", qr_impls(sets, device, r), r * int(4 * d**3 / 3))]
+                  ("qr", qr_impls(sets, device), r * int(4 * d**3 / 3))]
         if args.eigh:
-            groups.append(("eigh", eigh_impls(sets, device, r), None))
+            groups.append(("eigh", eigh_impls(sets, device), None))
         for op, impls, flops in groups:
             got = harness.run_impls(op, case, harness.select(impls, args), device, args.budget, flops=flops,
                                     min_reps=args.min_reps, d=d, rows=r, batches_per_step=k)
@@ -169,11 +170,14 @@ def cases(label: str, shapes, args, device: torch.device) -> tuple[list[dict], d
                 if "median_s" in row:
                     key = (op, row["backend"])
                     per_step[key] = per_step.get(key, 0.0) + k * row["median_s"]
+                    seen[key] = seen.get(key, 0) + 1
             rows += got
         del sets
     # The whole refresh of one refresh step (every factor of the set), from the medians above.
-    totals = [{"op": op, "case": "all factors / refresh step", "backend": backend, "median_s": t, "derived": True}
-              for (op, backend), t in per_step.items()]
+    # Only for implementations measured on every case (a missing or failed case would undercount).
+    totals = [{"op": op, "case": f"all factors / {'init' if op == 'eigh' else 'refresh'} step", "backend": backend,
+               "median_s": t, "derived": True}
+              for (op, backend), t in per_step.items() if seen[(op, backend)] == len(all_cases)]
     info = {"skipped": skipped, "lapack_choices": {f"{op}:{n}": way for (op, n), way in lapack.thread_choice().items()},
             "refresh_flops_per_refresh_step": harness.refresh_flops(shapes)}
     return rows + totals, info

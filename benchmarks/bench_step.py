@@ -266,6 +266,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
             "matmul_rate_flops": rate,
             "floor_s": floor,
             "skipped": skipped,
+            "upstream": str(Path(args.upstream).expanduser()) if args.upstream else None,
             "environment": env,
             "results": rows,
         }

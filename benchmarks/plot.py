@@ -36,7 +36,23 @@ def _title(payload: dict) -> str:
             env.get("date", "")[:10], env.get("git_revision", "")]
     if load:
         bits.append(f"load {load[0]}")
+    bits += [f"{k}={v}" for k, v in env.get("env", {}).items() if k != "TRITON_INTERPRET"]
     return ", ".join(str(b) for b in bits if b)
+
+
+def _group_labels(payloads: Sequence[dict]) -> list[str]:
+    """The parameter set, plus the device / threads / env knobs where that alone is ambiguous."""
+    labels = [p["parameter_set"] for p in payloads]
+    if len(set(labels)) == len(labels):
+        return labels
+    out = []
+    for p in payloads:
+        env = p.get("environment", {})
+        extra = [f"{env.get('threads', '?')}t"] + [f"{k}={v}" for k, v in env.get("env", {}).items() if k != "TRITON_INTERPRET"]
+        if len({q["environment"].get("device") for q in payloads}) > 1:
+            extra.insert(0, str(env.get("device", "?"))[:24])
+        out.append(f"{p['parameter_set']} ({', '.join(extra)})")
+    return out
 
 
 def _bars(ax, groups: Sequence[str], series: Sequence[str], value, err=None, log: bool = True) -> None:
@@ -64,8 +80,7 @@ def _bars(ax, groups: Sequence[str], series: Sequence[str], value, err=None, log
 
 
 def plot_step(payloads: Sequence[dict], path: Path) -> Path:
-    groups = [f"{p['parameter_set']} ({p['environment'].get('device', '?')[:24]})" if len(
-        {q["environment"].get("device") for q in payloads}) > 1 else p["parameter_set"] for p in payloads]
+    groups = _group_labels(payloads)
     series: list[str] = []
     table: dict[tuple[str, str], dict] = {}
     for g, p in zip(groups, payloads):
@@ -101,7 +116,7 @@ def plot_step(payloads: Sequence[dict], path: Path) -> Path:
     ax_r.axhline(1.0, color="k", lw=0.8)
     ax_r.set_ylabel("× AdamW(fused=True), same run")
     ax_r.set_title("ratio to AdamW (lower is better)")
-    fig.suptitle(_title(payloads[0]), fontsize=8)
+    fig.suptitle(_title(payloads[0]) if len(payloads) == 1 else f"{len(payloads)} runs; first: {_title(payloads[0])}", fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
