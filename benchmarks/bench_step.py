@@ -43,11 +43,11 @@ DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 def state_bytes(opt: torch.optim.Optimizer) -> tuple[int, int]:
     """(persistent optimizer state, reusable workspace the engine keeps between steps) in bytes."""
     if isinstance(opt, SOAP) and opt._engine is not None:
-        total = work = 0
+        total = 0
         for _, b in opt._engine.buckets:
             tensors = [b.exp_avg, b.exp_avg_sq, b.step, *[t for t in (*b.q, *b.stats) if t is not None]]
             total += sum(t.numel() * t.element_size() for t in tensors)
-            work += sum(t.numel() * t.element_size() for t in (getattr(b, "_buffers", None) or ()))
+        work = sum(t.numel() * t.element_size() for t in opt._engine.workspace_pool.buffers.values())
         return total, work
     total = 0
     for state in opt.state.values():
