@@ -79,6 +79,9 @@ def summarize_task(runs: list[dict], schedules: list[str]) -> dict:
             values = [per_seed[s][r["seed"]][metric] for r in mine]
             row[metric] = _mean(values)
             row[f"{metric}_sd"] = _sd(values)
+        # Per-seed final metrics, for paired comparisons between any two schedules (seed keys as
+        # strings, as they come back from the JSON).
+        row["per_seed"] = {metric: {str(r["seed"]): per_seed[s][r["seed"]][metric] for r in mine} for metric in METRICS}
         accs = [r["eval"][-1]["test_acc"] for r in mine if r["eval"] and "test_acc" in r["eval"][-1]]
         factors = mine[0]["factors"]
         refreshes = _mean([r["factor_refreshes"] for r in mine])
@@ -141,21 +144,17 @@ def summarize_task(runs: list[dict], schedules: list[str]) -> dict:
 
 # ----------------------------------------------------------------------------------------- claims
 def _compare(summary: dict, a: str, b: str, metric: str) -> tuple[float, float, float]:
-    """(paired mean difference a - b of ``metric``, tolerance, b's mean). Paired over seeds whenever
-    one side is const1 or adam (the references of the summary), else unpaired."""
+    """(mean over seeds of the paired difference a - b of ``metric``, tolerance, b's mean).
+
+    Paired: the same seed gives both runs the same initial weights, batches and dropout draws, so
+    the seed-to-seed spread cancels. Tolerance: max(2 standard errors of the paired difference,
+    TOL_REL of b's mean); with one seed only the relative part applies."""
     rows = summary["schedules"]
-    paired = None
-    if b in ("const1", "adam") and f"vs_{b}" in rows[a]:
-        paired = rows[a][f"vs_{b}"][metric]
-    elif a in ("const1", "adam") and f"vs_{a}" in rows[b]:
-        paired = dict(rows[b][f"vs_{a}"][metric])
-        paired["diff"] = -paired["diff"]
-    if paired is not None:
-        diff, se = paired["diff"], paired["se"]
-    else:
-        diff = rows[a][metric] - rows[b][metric]
-        n = len(rows[a]["seeds"])
-        se = math.hypot(rows[a][f"{metric}_sd"], rows[b][f"{metric}_sd"]) / math.sqrt(n) if n > 1 else None
+    va, vb = rows[a]["per_seed"][metric], rows[b]["per_seed"][metric]
+    seeds = sorted(set(va) & set(vb))
+    diffs = [va[k] - vb[k] for k in seeds]
+    diff = _mean(diffs)
+    se = _sd(diffs) / math.sqrt(len(diffs)) if len(diffs) > 1 else None
     tol = max(2 * se if se else 0.0, TOL_REL * abs(rows[b][metric]))
     return diff, tol, rows[b][metric]
 
