@@ -22,7 +22,9 @@ from torch import Tensor
 
 from . import _native, lapack
 
-_NATIVE_MOMENTS = _native.available() and os.environ.get("SOAP_KERNELS_NATIVE_OPS", "1") != "0"
+# The native CPU ops (soap_kernels._C) replace the torch sequences where they measured faster;
+# SOAP_KERNELS_NATIVE_OPS=0 switches them off (A/B measurements, the CI lane without them).
+NATIVE_OPS = _native.available() and os.environ.get("SOAP_KERNELS_NATIVE_OPS", "1") != "0"
 
 __all__ = [
     "rotate",
@@ -109,7 +111,7 @@ def _native_moments(rotated: Tensor, exp_avg: Tensor, exp_avg_sq: Tensor) -> boo
     """Use the native fused moment update? Only where it was measured faster: fp32 CPU tensors.
 
     ``SOAP_KERNELS_NATIVE_OPS=0`` turns it off (for A/B measurements)."""
-    if not _NATIVE_MOMENTS or rotated.device.type != "cpu":
+    if not NATIVE_OPS or rotated.device.type != "cpu":
         return False
     return all(t.dtype == torch.float32 and t.is_contiguous() for t in (rotated, exp_avg, exp_avg_sq))
 
