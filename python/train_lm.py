@@ -52,6 +52,7 @@ from lm.data import DEFAULT_CORPUS  # noqa: E402
 from lm.report import format_table, plot_curves, summarize  # noqa: E402
 
 OPTIMIZERS = ("adamw", "soap", "shampoo")
+LAPACK_THREADS_VARIABLE = "SOAP_LAPACK_THREADS"  # read by soap_kernels.lapack at every call
 
 
 # ---------------------------------------------------------------------------------------- options
@@ -104,10 +105,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
     p.add_argument("--bf16", action="store_true", help="bf16 autocast for the model (not the optimizer)")
     p.add_argument("--threads", type=int, help="torch CPU threads (torch's default if omitted)")
+    p.add_argument(
+        "--lapack-threads", type=int,
+        help="threads for SOAP's CPU eigh/qr (sets SOAP_LAPACK_THREADS for the run; 0: soap_kernels times both "
+        "and picks, which makes runs differ from process to process). Default: $SOAP_LAPACK_THREADS, else 1",
+    )  # fmt: skip
     p.add_argument("--out", type=Path, help="output folder (default runs/lm-<timestamp>)")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
-    p.add_argument("--ddp", action="store_true",
-                   help="data parallel under torchrun (gloo on cpu, nccl on cuda); SOAP/Shampoo shard their work")
+    p.add_argument(
+        "--ddp",
+        action="store_true",
+        help="data parallel under torchrun (gloo on cpu, nccl on cuda); SOAP/Shampoo shard their work",
+    )
     return p
 
 
@@ -154,6 +163,7 @@ def resolve_config(args: argparse.Namespace) -> dict:
         "device": args.device,
         "bf16": args.bf16,
         "threads": args.threads,
+        "lapack_threads": _lapack_threads(args.lapack_threads),
         "ddp": args.ddp,
         "world_size": _world_size(),
     }
@@ -289,7 +299,7 @@ def train_run(name: str, lr: float, seed: int, corpus: CharCorpus, val_batches: 
             x, y = corpus.train_batch(config["batch_size"], config["ctx"], data_generator)
             if world > 1:  # this rank's share of the global batch
                 share = config["batch_size"] // world
-                x, y = x[rank * share:(rank + 1) * share], y[rank * share:(rank + 1) * share]
+                x, y = x[rank * share : (rank + 1) * share], y[rank * share : (rank + 1) * share]
             x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
             with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
                 loss = model(x, y)
@@ -386,6 +396,19 @@ def _json_safe(obj):
     return obj
 
 
+def _lapack_threads(option: int | None) -> int:
+    """The LAPACK thread count for SOAP on the CPU; 0 lets soap_kernels choose by timing.
+
+    One fixed count by default because the timed choice (1 thread or all, whichever ran a first
+    call faster) can differ between processes, and MKL's eigh/qr round differently at different
+    thread counts, so the same seed would not give the same SOAP run twice. One thread was also the
+    faster choice on the project's 2-core machines (DESIGN.md, section 6).
+    """
+    if option is not None:
+        return max(0, option)
+    return int(os.environ.get(LAPACK_THREADS_VARIABLE) or 1)
+
+
 def _world_size() -> int:
     dist = torch.distributed
     return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
@@ -413,9 +436,20 @@ def main(argv: list[str] | None = None) -> dict:
     if args.device == "cuda" and not torch.cuda.is_available():
         raise SystemExit("--device cuda: no CUDA device is available")
     device = init_distributed(args.device) if args.ddp else torch.device(args.device)
+    saved_lapack_threads = os.environ.get(LAPACK_THREADS_VARIABLE)
     try:
+        lapack_threads = _lapack_threads(args.lapack_threads)
+        if lapack_threads:
+            os.environ[LAPACK_THREADS_VARIABLE] = str(lapack_threads)
+        else:
+            os.environ.pop(LAPACK_THREADS_VARIABLE, None)
         return _main(args, device, argv)
     finally:
+        # main() is also a library call (tests): leave the environment as it was.
+        if saved_lapack_threads is None:
+            os.environ.pop(LAPACK_THREADS_VARIABLE, None)
+        else:
+            os.environ[LAPACK_THREADS_VARIABLE] = saved_lapack_threads
         if args.ddp:
             torch.distributed.destroy_process_group()
 
