@@ -3,9 +3,12 @@
 Measured on the project's 2-core machines: MKL's ``eigh``/``qr`` can run several times slower with
 all threads than with one (a batch of six 1024² QRs: 0.42 s at one thread, 1.52 s at two), while on
 other machines the opposite holds. A batch can also be split over the cores, each piece running
-single-threaded. So the first call for a given (op, size) on the CPU times every candidate on a sample of
-the batch — one thread, all threads, the batch split over the cores at one thread each — and
-remembers the fastest; later calls use it. ``SOAP_LAPACK_THREADS=N`` fixes the thread count instead (no split).
+single-threaded. So the first call for a given (op, size) on the CPU times the candidates on a sample of the
+batch — one thread, or the batch split over the cores at one thread each — and remembers the
+faster; later calls use it. Both give the same bits (every matrix is factored single-threaded), so
+a run is reproducible whatever the timing picked. ``SOAP_LAPACK_MULTITHREAD=1`` adds all-threads
+LAPACK as a candidate (faster on some machines, but its rounding differs, so runs may then differ
+between processes). ``SOAP_LAPACK_THREADS=N`` fixes the thread count instead (no split).
 CUDA calls go straight through.
 """
 
@@ -89,7 +92,11 @@ def _calibrate(fn: Callable[[Tensor], tuple[Tensor, Tensor]], x: Tensor, full: i
     if full == 1:
         return "1"
     sample = x.reshape(-1, *x.shape[-2:])[: min(batch, 2)]
-    ways: dict[str, Callable[[], object]] = {"1": lambda: _one(fn, sample), "all": lambda: fn(sample)}
+    ways: dict[str, Callable[[], object]] = {"1": lambda: _one(fn, sample)}
+    if os.environ.get("SOAP_LAPACK_MULTITHREAD", "0") != "0":
+        # Multi-threaded LAPACK rounds differently from single-threaded LAPACK, so it is a
+        # candidate only on request: by default every choice gives the same bits.
+        ways["all"] = lambda: fn(sample)
     if sample.shape[0] > 1:
         ways["split"] = lambda: _split(fn, sample, min(full, sample.shape[0]))
     best: dict[str, float] = {}
