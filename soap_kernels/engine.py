@@ -209,6 +209,24 @@ class Bucket:
             self.workspace_pool = WorkspacePool()
         return self.workspace_pool.get(self.exp_avg.shape, self.exp_avg.device)
 
+    def _advance_steps(self, rows: list[int], index: Tensor | None, group: dict) -> list[float]:
+        """Count one more update for ``rows``: on the device for the live state, on the host for
+        the step sizes (the bias correction needs no device round trip). Returns each row's step
+        size ``lr·√(1-β2ᵗ)/(1-β1ᵗ)`` (``lr`` without bias correction)."""
+        if index is None:
+            self.step.add_(1)
+        else:
+            self.step.index_copy_(0, index, self.step.index_select(0, index).add_(1))
+        beta1, beta2 = group["betas"]
+        lr = float(group["lr"])
+        step_sizes = []
+        for r in rows:
+            self.host_step[r] += 1
+            t = self.host_step[r]
+            bias = math.sqrt(1.0 - beta2**t) / (1.0 - beta1**t) if group["correct_bias"] else 1.0
+            step_sizes.append(lr * bias)
+        return step_sizes
+
     def _native_adam_update(self, rows: list[int], grads: list[Tensor], group: dict) -> bool:
         """Plain Adam through ``soap_kernels._C`` for a CPU bucket with no factor (the 1-D
         parameters): one fused pass per tensor, measured ~20x faster than the stacked torch path on
@@ -221,14 +239,8 @@ class Bucket:
         if not all(p.is_contiguous() and g.is_contiguous() and g.dtype == p.dtype for p, g in zip(self.params, grads)):
             return False
         beta1, beta2 = group["betas"]
-        self.step.add_(1)
+        step_sizes = self._advance_steps(rows, None, group)
         lr = float(group["lr"])
-        step_sizes = []
-        for r in rows:
-            self.host_step[r] += 1
-            t = self.host_step[r]
-            bias = math.sqrt(1.0 - beta2**t) / (1.0 - beta1**t) if group["correct_bias"] else 1.0
-            step_sizes.append(lr * bias)
         decay = lr * group["weight_decay"] if group["weight_decay"] > 0 else 0.0
         _native.adam_step(self.params, grads, list(self.exp_avg.unbind(0)), list(self.exp_avg_sq.unbind(0)),
                           step_sizes, beta1=beta1, beta2=beta2, eps=group["eps"], lr_weight_decay=decay)
@@ -259,19 +271,8 @@ class Bucket:
         qs = [take(q) for q in self.q]
         stats = [take(s) for s in self.stats]
 
-        # Step counts: on the device for the live state, on the host for the step sizes (the
-        # bias correction needs no device round trip).
-        if full:
-            self.step.add_(1)
-        else:
-            self.step.index_copy_(0, index, self.step.index_select(0, index).add_(1))
+        step_sizes = self._advance_steps(rows, index, group)
         lr = float(group["lr"])
-        step_sizes = []
-        for r in rows:
-            self.host_step[r] += 1
-            t = self.host_step[r]
-            bias = math.sqrt(1.0 - beta2**t) / (1.0 - beta1**t) if group["correct_bias"] else 1.0
-            step_sizes.append(lr * bias)
         decay = 1.0 - lr * group["weight_decay"] if group["weight_decay"] > 0 else 1.0
 
         if self.second_moment == "adam":
@@ -346,9 +347,8 @@ class Bucket:
 
         beta1, beta2 = group["betas"]
         shampoo_beta = group["shampoo_beta"] if group["shampoo_beta"] >= 0 else beta2
-        for r in rows:
-            self.host_step[r] += 1
-        step = self.step.add_(1)
+        self._advance_steps(rows, None, group)
+        step = self.step  # step sizes on the device: no host round trip on the GPU path
         lr = float(group["lr"])
         if group["correct_bias"]:
             step_size = lr * torch.sqrt(1.0 - torch.pow(beta2, step)) / (1.0 - torch.pow(beta1, step))
@@ -619,7 +619,3 @@ class BatchedEngine:
                 bucket.initialize(rows_new, grads_new, group["shampoo_beta"] if group["shampoo_beta"] >= 0 else beta2)
                 initialized.extend(bucket.params[r] for r in rows_new)
         return initialized, updated
-
-    def factors(self) -> list[tuple[Bucket, int, int]]:
-        """Every eigenbasis factor as (bucket, working dim, row), in a fixed order."""
-        return [(b, dim, row) for _, b in self.buckets for dim in b.factor_dims for row in range(len(b.params))]
