@@ -191,6 +191,82 @@ def test_validation_messages():
 
 
 # ------------------------------------------------------------------------------------------------
+# tf32 / bf16 rotation modes, every lane (the interpreter emulates the tensor cores' input rounding)
+# ------------------------------------------------------------------------------------------------
+
+
+def truncate_tf32(x: torch.Tensor) -> torch.Tensor:
+    """fp32 with the low 13 mantissa bits cleared (tf32 by truncation, what the tensor cores do to
+    fp32 operands; see ``round_mantissa`` in soap_kernels/triton/_common.py). NaN passes through."""
+    bits = x.float().view(torch.int32) & ~0x1FFF
+    return torch.where(torch.isnan(x), x, bits.view(torch.float32))
+
+
+ROUND_INPUT = {"tf32": truncate_tf32, "bf16": lambda x: x.float().bfloat16().float()}
+
+# Normwise distance of the kernels from the torch emulation, relative to |exact|. Interpreter: the
+# same reduced operands and exact products, only the fp32 summation order differs (measured
+# <= 7.4e-8, both modes). GPU (not yet measured): bf16 allows a one-ulp flip of the bf16
+# intermediate where fp32 sums straddle a rounding boundary; tf32 allows hardware that rounds the
+# operands instead of truncating them (distance measured on the interpreter between the two: <= 1.4e-3).
+LOW_PRECISION_MATCH = {"tf32": 1e-6, "bf16": 1e-6} if not CUDA else {"tf32": 3e-3, "bf16": 1e-3}
+LOW_PRECISION_SHAPES = [(3, 5, 7), (2, 19, 11)]  # (B, m, n): odd sizes; 19 spans two tiles and two K blocks
+
+
+def emulated_rotate(x: torch.Tensor, qs, precision: str, back: bool) -> torch.Tensor:
+    """The kernels' arithmetic in torch: every GEMM operand reduced to the mode's input format,
+    exact products, sums in fp64 rounded to fp32; the two-sided intermediate ``x Q_R`` is stored
+    in bf16 in bf16 mode (as rotate.py does)."""
+    rnd = ROUND_INPUT[precision]
+    q_left, q_right = qs
+    if q_right is not None:
+        x = (rnd(x).double() @ rnd(q_right.mT if back else q_right).double()).float()
+        if precision == "bf16" and q_left is not None:
+            x = rnd(x)
+    if q_left is not None:
+        x = (rnd(q_left if back else q_left.mT).double() @ rnd(x).double()).float()
+    return x
+
+
+@pytest.mark.parametrize("sides", ["both", "left", "right"])
+@pytest.mark.parametrize("precision", ["tf32", "bf16"])
+def test_low_precision_modes_match_emulation(precision, sides):
+    """rotate_in, rotate_back, rotate_in_adam's rotation and rotate_back_update's update in
+    tf32/bf16 mode equal the torch emulation of the mode (tightly, on the interpreter) and differ
+    from the exact product by what the mode's rounding predicts: an unrounded (fp32) result is
+    ~1e4 times closer to the exact one and fails."""
+    for shape in LOW_PRECISION_SHAPES:
+        b, m, n = shape
+        gen = torch.Generator().manual_seed(m * 31 + n)
+        x = randn(b, m, n, gen=gen)
+        qs = make_qs(b, m, n, sides, gen)
+        zeros = torch.zeros(b, m, n, device=DEVICE)
+        rotated, _ = rotate_in_adam(x, qs, zeros.clone(), zeros.clone(), 0.9, 0.95, 1e-8, precision=precision)
+        update = zeros.clone()  # p <- (0 - 1 * U) * 1 = -U, exactly
+        rotate_back_update(x, qs, update, torch.ones(b, device=DEVICE), 1.0, precision=precision)
+        outputs = {
+            "rotate_in": (rotate_in(x, qs, precision=precision), False),
+            "rotate_back": (rotate_back(x, qs, precision=precision), True),
+            "rotate_in_adam": (rotated, False),
+            "rotate_back_update": (-update, True),
+        }
+        for name, (got, back) in outputs.items():
+            exact = ops.rotate(x.double(), [q.double() if q is not None else None for q in qs], back=back).cpu()
+            want = emulated_rotate(x, qs, precision, back).double().cpu()
+            got = got.double().cpu()
+            scale = exact.norm().item()
+            err_mode = (want - exact).norm().item() / scale  # what the mode's rounding costs
+            err_kernel = (got - exact).norm().item() / scale
+            dist = (got - want).norm().item() / scale
+            print(
+                f"{precision} {sides} {shape} {name}: |kernel-emulation| {dist:.2e}  "
+                f"|kernel-exact| {err_kernel:.2e}  |emulation-exact| {err_mode:.2e}"
+            )
+            assert dist <= LOW_PRECISION_MATCH[precision]
+            assert 0.1 * err_mode <= err_kernel <= LOW_PRECISION_FACTOR * err_mode
+
+
+# ------------------------------------------------------------------------------------------------
 # GPU only: realistic shapes and the tensor-core precision modes
 # ------------------------------------------------------------------------------------------------
 

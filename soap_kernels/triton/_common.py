@@ -18,6 +18,9 @@ import triton.language as tl
 from torch import Tensor
 
 INTERPRET = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+# Read by mma_tile (a module-level constexpr, which both the compiler and the interpreter accept):
+# under the interpreter the tensor-core input rounding of the tf32/bf16 modes is done explicitly.
+EMULATE_TENSOR_CORES = tl.constexpr(INTERPRET)
 
 PRECISIONS = ("fp32", "tf32", "bf16")
 
@@ -186,19 +189,34 @@ class PointerTableCache:
 
 
 @triton.jit
+def round_mantissa(x, DROP_BITS: tl.constexpr, NEAREST: tl.constexpr):
+    """fp32 ``x`` with its low ``DROP_BITS`` mantissa bits cleared, returned as fp32.
+
+    ``NEAREST``: round to nearest even (``DROP_BITS=16``: bf16, as ``cvt.rn.bf16.f32`` and torch);
+    otherwise truncate (round toward zero), which is what the tensor cores do to fp32 operands of a
+    tf32 MMA (``DROP_BITS=13``): Triton 3.9's ``tl.dot`` docstring warns that tf32 inputs "may be
+    truncated ... without rounding", and the PTX ISA says ``wgmma`` (Hopper) truncates the lower 13
+    bits. Integer arithmetic on the bit pattern: a carry out of the mantissa bumps the exponent (so
+    overflow gives ±inf), ±inf stays ±inf and NaN passes through unchanged.
+    """
+    bits = x.to(tl.uint32, bitcast=True)
+    if NEAREST:
+        bits = bits + ((1 << (DROP_BITS - 1)) - 1) + ((bits >> DROP_BITS) & 1)
+    rounded = (bits >> DROP_BITS) << DROP_BITS
+    return tl.where(x != x, x, rounded.to(tl.float32, bitcast=True))
+
+
+@triton.jit
 def to_storage(x, DTYPE: tl.constexpr):
     """fp32 -> the parameter's dtype, rounding to nearest even.
 
     bf16 is rounded with integer arithmetic because Triton's CPU interpreter (the CI lane) truncates
     fp32 -> bf16 casts and ignores ``fp_downcast_rounding``: measured, 504 of 1024 random values
     differed from torch, drifting a bf16 parameter by one ulp per step. The integer form is exact
-    RTNE on the GPU as well (NaNs pass through unchanged).
+    RTNE on the GPU as well (NaNs pass through unchanged); the final cast is then exact.
     """
     if DTYPE == tl.bfloat16:
-        bits = x.to(tl.uint32, bitcast=True)
-        rounded = (bits + 0x7FFF + ((bits >> 16) & 1)) & 0xFFFF0000
-        y = tl.where(x != x, x, rounded.to(tl.float32, bitcast=True))
-        return y.to(tl.bfloat16)
+        return round_mantissa(x, 16, True).to(tl.bfloat16)
     else:
         return x.to(DTYPE)
 
@@ -248,6 +266,16 @@ def mma_tile(
     reads B's row ``k`` from row ``b_index[k]``. ``PRECISION`` is tl.dot's input_precision ("ieee"
     = exact fp32 products, "tf32"); ``CAST_BF16`` rounds both operands to bf16 first (fp32
     accumulation either way). Out-of-range rows/columns/k read as 0.
+
+    Under the interpreter (``EMULATE_TENSOR_CORES``) the low-precision modes reduce the operands
+    with :func:`round_mantissa` as the tensor cores do (tf32: truncated to 10 mantissa bits; bf16:
+    rounded to nearest even, 7 bits), then take an exact fp32 dot (products of such operands are
+    exact in fp32), because the interpreter's own paths model neither mode. Measured with Triton
+    3.9 (16x16x16 tiles of randn): ``input_precision="tf32"`` (and ``"tf32x3"``) gives results
+    bit-identical to ``"ieee"``, i.e. exact fp32 products; a bf16 ``tl.dot`` multiplies the raw
+    uint16 bit patterns the interpreter stores bf16 in (max error 2.4e10 against fp64), and
+    fp32 -> bf16 casts truncate (530 of 1024 randn values differ from torch's rounding).
+    On a GPU the native paths run unchanged.
     """
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     mask_m = offs_m < M
@@ -274,9 +302,22 @@ def mma_tile(
             other=0.0,
         )
         if CAST_BF16:
-            acc = tl.dot(a.to(tl.bfloat16), b.to(tl.bfloat16), acc)
+            if EMULATE_TENSOR_CORES:
+                a = round_mantissa(a.to(tl.float32), 16, True)
+                b = round_mantissa(b.to(tl.float32), 16, True)
+                acc = tl.dot(a, b, acc, input_precision="ieee")
+            else:
+                acc = tl.dot(a.to(tl.bfloat16), b.to(tl.bfloat16), acc)
         else:
-            acc = tl.dot(a.to(tl.float32), b.to(tl.float32), acc, input_precision=PRECISION)
+            a = a.to(tl.float32)
+            b = b.to(tl.float32)
+            if EMULATE_TENSOR_CORES:
+                if PRECISION == "tf32":
+                    a = round_mantissa(a, 13, False)
+                    b = round_mantissa(b, 13, False)
+                acc = tl.dot(a, b, acc, input_precision="ieee")
+            else:
+                acc = tl.dot(a, b, acc, input_precision=PRECISION)
     return acc
 
 
@@ -354,7 +395,8 @@ def bmm_kernel(
     )
     c_ptrs = c_ptr + pid_b * stride_cb + offs_m[:, None] * stride_cm + offs_n[None, :] * stride_cn
     mask = (offs_m[:, None] < M) & (offs_n[None, :] < N)
-    tl.store(c_ptrs, acc.to(c_ptr.dtype.element_ty), mask=mask)
+    # to_storage: a bf16 intermediate (bf16 mode) is rounded to nearest even in the interpreter too.
+    tl.store(c_ptrs, to_storage(acc, c_ptr.dtype.element_ty), mask=mask)
 
 
 def bmm(
