@@ -86,6 +86,24 @@ def run_lockstep(groups_a, groups_b, shapes, steps, opt_kwargs, backends=("refer
     return opt_a, opt_b
 
 
+def param_trajectory(shapes: Sequence[tuple], steps: int, opt_kwargs: dict, backend: str, seed: int = 0) -> list:
+    """Snapshots of every parameter after each of ``steps`` steps of a fresh SOAP on ``grad_stream``."""
+    params = make_params(shapes, seed=seed)
+    opt = SOAP(params, backend=backend, **opt_kwargs)
+    snapshots = []
+    for grads in grad_stream(shapes, steps, seed=seed + 1):
+        apply_grads(params, grads)
+        opt.step()
+        snapshots.append([p.detach().clone() for p in params])
+    return snapshots
+
+
+def max_trajectory_error(snapshots: list, snapshots_ref: list) -> float:
+    """The largest relative parameter error (``rel_err`` per parameter) over all steps."""
+    assert len(snapshots) == len(snapshots_ref)
+    return max(rel_err(p, p_ref) for step, step_ref in zip(snapshots, snapshots_ref) for p, p_ref in zip(step, step_ref))
+
+
 def column_signs(q_ref: torch.Tensor, q_other: torch.Tensor) -> torch.Tensor:
     """Signs that align the columns of ``q_other`` with ``q_ref`` (eigenvectors carry arbitrary signs)."""
     s = torch.sign((q_ref * q_other).sum(dim=0))
