@@ -218,8 +218,17 @@ def permute_along(x: Tensor, dim: int, perm: Tensor) -> Tensor:
 
 
 def reexpress(exp_avg: Tensor, dim: int, perm: Tensor, q_mix: Tensor) -> Tensor:
-    """``exp_avg`` in the refreshed basis along ``dim``: ``Q_newᵀ Q_old m = Q_mᵀ Pᵀ m``."""
-    return _mode_product(permute_along(exp_avg, dim, perm), q_mix, dim + 1, back=False)
+    """``exp_avg`` in the refreshed basis along ``dim``: ``Q_newᵀ Q_old m = Q_mᵀ Pᵀ m``.
+
+    ``Q_mᵀ Pᵀ = (P Q_m)ᵀ``, and ``P Q_m`` is ``Q_m`` with its rows gathered by the inverse
+    permutation: whichever of ``exp_avg`` and ``Q_m`` is smaller gets permuted.
+    """
+    d = q_mix.shape[-1]
+    if d * d >= exp_avg[0].numel():
+        return _mode_product(permute_along(exp_avg, dim, perm), q_mix, dim + 1, back=False)
+    inverse = torch.argsort(perm, dim=-1)
+    rows = torch.stack([m.index_select(0, i) for m, i in zip(q_mix, inverse)])
+    return _mode_product(exp_avg, rows, dim + 1, back=False)
 
 
 def rotate_back(direction: Tensor, qs: Sequence[Tensor | None]) -> Tensor:
@@ -254,18 +263,46 @@ def refresh_factor(stats: Tensor, q: Tensor) -> tuple[Tensor, Tensor]:
     perm = torch.argsort(est, dim=-1, descending=True)
     # index_select per row: a broadcast take_along_dim builds a d²-sized int64 index (measured
     # 165 ms against a few ms for a batch of six 1024² matrices on the CPU).
-    permuted = torch.stack([s.index_select(0, p).index_select(1, p) for s, p in zip(stats, perm)])
-    q_perm = torch.stack([qi.index_select(1, p) for qi, p in zip(q, perm)])
+    permuted = torch.empty_like(stats)
+    for out, s, p in zip(permuted, stats, perm):
+        torch.index_select(s.index_select(0, p), 1, p, out=out)
+    q_perm = torch.empty_like(q)
+    for out, qi, p in zip(q_perm, q, perm):
+        torch.index_select(qi, 1, p, out=out)
     q_mix, r = lapack.qr(permuted)
     sign = torch.sign(r.diagonal(dim1=-2, dim2=-1))
     sign[sign == 0] = 1.0
     q_mix.mul_(sign[:, None, :])
     r.mul_(sign[:, :, None])
-    new_stats = torch.matmul(r, q_mix)
-    torch.add(new_stats, new_stats.mT, out=stats)
-    stats.mul_(0.5)
+    _triangular_product_symmetric(r, q_mix, out=stats)
     torch.matmul(q_perm, q_mix, out=q)
     return perm, q_mix
+
+
+def _triangular_product_symmetric(r: Tensor, q: Tensor, out: Tensor) -> None:
+    """``out = R Q`` for upper-triangular ``R`` when the product is known to be symmetric
+    (``R Q_m = Q_mᵀ M Q_m``), symmetrised exactly.
+
+    With ``h = d/2`` only the top block row ``R₁₁Q₁ + R₁₂Q₂`` and the corner ``R₂₂Q₂₂`` are
+    computed (the bottom-left block is the transpose of the top-right one): ``1.25·d³`` multiply-adds
+    ×2 FLOPs instead of ``2·d³``, skipping R's zero block.
+    """
+    d = r.shape[-1]
+    h = d // 2
+    if h < 64:  # small factors: one GEMM is cheaper than four
+        full = torch.matmul(r, q)
+        torch.add(full, full.mT, out=out)
+        out.mul_(0.5)
+        return
+    top = torch.matmul(r[:, :h, :h], q[:, :h, :])
+    top.baddbmm_(r[:, :h, h:], q[:, h:, :])
+    corner = torch.matmul(r[:, h:, h:], q[:, h:, h:])
+    out[:, :h, h:] = top[:, :, h:]
+    out[:, h:, :h] = top[:, :, h:].mT
+    torch.add(top[:, :, :h], top[:, :, :h].mT, out=out[:, :h, :h])
+    torch.add(corner, corner.mT, out=out[:, h:, h:])
+    out[:, :h, :h].mul_(0.5)
+    out[:, h:, h:].mul_(0.5)
 
 
 def reorthonormalize_(q: Tensor) -> None:
