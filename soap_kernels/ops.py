@@ -284,8 +284,8 @@ def _triangular_product_symmetric(r: Tensor, q: Tensor, out: Tensor) -> None:
     (``R Q_m = Q_mᵀ M Q_m``), symmetrised exactly.
 
     With ``h = d/2`` only the top block row ``R₁₁Q₁ + R₁₂Q₂`` and the corner ``R₂₂Q₂₂`` are
-    computed (the bottom-left block is the transpose of the top-right one): ``1.25·d³`` multiply-adds
-    ×2 FLOPs instead of ``2·d³``, skipping R's zero block.
+    computed (the bottom-left block is the transpose of the top-right one): ``1.25·d³`` FLOPs
+    instead of ``2·d³``, skipping R's zero block.
     """
     d = r.shape[-1]
     h = d // 2
