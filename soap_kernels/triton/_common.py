@@ -194,10 +194,12 @@ def round_mantissa(x, DROP_BITS: tl.constexpr, NEAREST: tl.constexpr):
 
     ``NEAREST``: round to nearest even (``DROP_BITS=16``: bf16, as ``cvt.rn.bf16.f32`` and torch);
     otherwise truncate (round toward zero), which is what the tensor cores do to fp32 operands of a
-    tf32 MMA (``DROP_BITS=13``): Triton 3.9's ``tl.dot`` docstring warns that tf32 inputs "may be
-    truncated ... without rounding", and the PTX ISA says ``wgmma`` (Hopper) truncates the lower 13
-    bits. Integer arithmetic on the bit pattern: a carry out of the mantissa bumps the exponent (so
-    overflow gives ±inf), ±inf stays ±inf and NaN passes through unchanged.
+    tf32 MMA (``DROP_BITS=13``): the sm_90 PTX Triton 3.9 emits for ``input_precision="tf32"``
+    feeds the fp32 bits straight to ``wgmma``/``mma.sync ... .tf32`` (checked: no ``cvt.rna.tf32``),
+    the PTX ISA says ``wgmma`` truncates the lower 13 bits, and ``tl.dot``'s docstring warns that
+    tf32 inputs "may be truncated ... without rounding". Integer arithmetic on the bit pattern: a
+    carry out of the mantissa bumps the exponent (so overflow gives ±inf), ±inf stays ±inf and NaN
+    passes through unchanged.
     """
     bits = x.to(tl.uint32, bitcast=True)
     if NEAREST:
