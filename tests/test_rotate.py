@@ -30,7 +30,11 @@ TOL_FP32 = (2e-5, 2e-5)
 TOL_PARAM = {torch.float32: (2e-5, 2e-5), torch.bfloat16: (1e-2, 8e-3), torch.float16: (1e-3, 1e-3)}
 # Low-precision rotation modes (GPU only), flash-attention's rule: the kernel's error against fp64
 # must stay within FACTOR x the error of torch's matmul in the same precision, plus a floor.
+# tf32 gets 4x: Triton's tf32 dot feeds fp32 bits to the tensor cores, which truncate them to 10
+# mantissa bits (see mma_tile), while cuBLAS may round to nearest; emulated at this test's shape,
+# truncation's max error was 7.6e-3 against 2.2e-3 for rounding to nearest (3.5x).
 LOW_PRECISION_FACTOR = 2.0
+LOW_PRECISION_FACTOR_BY_MODE = {"tf32": 4.0, "bf16": LOW_PRECISION_FACTOR}
 LOW_PRECISION_FLOOR = {"tf32": 1e-4, "bf16": 1e-3}
 
 SHAPES = [(3, 5, 7), (1, 5, 7), (3, 1, 9), (1, 13, 1), (2, 37, 20)]  # (B, m, n); 37x20: several tiles
@@ -319,4 +323,4 @@ def test_gpu_low_precision_modes(precision, back):
     err_kernel = (got.double() - exact).abs().max().item()
     err_torch = (baseline.double() - exact).abs().max().item()
     print(f"{precision} back={back}: kernel max err {err_kernel:.3e}, torch {precision} max err {err_torch:.3e}")
-    assert err_kernel <= LOW_PRECISION_FACTOR * err_torch + LOW_PRECISION_FLOOR[precision]
+    assert err_kernel <= LOW_PRECISION_FACTOR_BY_MODE[precision] * err_torch + LOW_PRECISION_FLOOR[precision]
