@@ -9,8 +9,9 @@
 #
 # Knobs (environment): OUT (default ./gpu-results), PRESETS (default "gpt2-small gpt2-medium"),
 # STEP_DTYPES (parameter storage in the step benchmark, default fp32,bf16),
-# STAGES (default "env build tests bench kernels plot"; any subset, in that order), SKIP_BUILD=1,
-# TEST_TIMEOUT / BENCH_TIMEOUT / KERNELS_TIMEOUT (seconds per command: 900 / 900 / 600),
+# STAGES (default "env build tests bench kernels plot lm"; any subset, in that order), SKIP_BUILD=1,
+# TEST_TIMEOUT / BENCH_TIMEOUT / KERNELS_TIMEOUT / LM_TIMEOUT (seconds per command: 900 / 900 / 600 / 590),
+# LM_ARGS (extra train_lm.py arguments for the lm stage, e.g. "--seeds 0,1"),
 # UPSTREAM=/path/to/soap.py (the paper authors' SOAP, timed in the step benchmark), PYTHON.
 # A failing stage or benchmark is recorded in $OUT/summary.txt and the run goes on; the exit status
 # is 0 only when every command succeeded.
@@ -20,13 +21,14 @@
 #   STAGES="bench plot" PRESETS=gpt2-small bash benchmarks/run_gpu.sh
 #   STAGES="bench plot" PRESETS=gpt2-medium bash benchmarks/run_gpu.sh
 #   STAGES="kernels" bash benchmarks/run_gpu.sh
+#   STAGES="lm" bash benchmarks/run_gpu.sh        # the main job, gpu preset (AdamW, SOAP, Shampoo)
 set -euo pipefail
 
 DRY=0
 for arg in "$@"; do
     case "$arg" in
         --cpu-dry-run) DRY=1 ;;
-        -h|--help) sed -n '2,22p' "$0"; exit 0 ;;
+        -h|--help) sed -n '2,24p' "$0"; exit 0 ;;
         *) echo "unknown argument: $arg (see --help)" >&2; exit 2 ;;
     esac
 done
@@ -38,7 +40,7 @@ mkdir -p "$OUT"
 OUT="$(cd "$OUT" && pwd)"
 PYTHON="${PYTHON:-python3}"
 command -v "$PYTHON" >/dev/null 2>&1 || PYTHON=python
-STAGES="${STAGES:-env build tests bench kernels plot}"
+STAGES="${STAGES:-env build tests bench kernels plot lm}"
 # Importable from the checkout even when the editable install fails (the package is pure Python
 # without its optional extension).
 export PYTHONPATH="$ROOT${PYTHONPATH:+:$PYTHONPATH}"
@@ -57,6 +59,7 @@ STEP_DTYPES="${STEP_DTYPES:-$([[ "$DRY" == 1 ]] && echo fp32 || echo fp32,bf16)}
 TEST_TIMEOUT="${TEST_TIMEOUT:-900}"
 BENCH_TIMEOUT="${BENCH_TIMEOUT:-900}"
 KERNELS_TIMEOUT="${KERNELS_TIMEOUT:-600}"
+LM_TIMEOUT="${LM_TIMEOUT:-590}"
 
 SUMMARY="$OUT/summary.txt"
 FAILURES=0
@@ -195,6 +198,20 @@ if has_stage plot; then
     steps=("$OUT"/results/step_*.json)
     if (( ${#steps[@]} )); then
         run plot "$BENCH_TIMEOUT" "$PYTHON" benchmarks/plot.py "${steps[@]}" -o "$OUT/results/step_summary_$DEVICE.png"
+    fi
+fi
+
+# ---------------------------------------------------------------------------------------- lm
+# The main job on the GPU preset. A grid that runs out of time is recorded as failed but keeps the
+# runs it finished in results.json (train_lm.py rewrites it after every run).
+if has_stage lm; then
+    # shellcheck disable=SC2206
+    extra=(${LM_ARGS:-})
+    if [[ "$DRY" == 1 ]]; then
+        run train_lm "$LM_TIMEOUT" "$PYTHON" python/train_lm.py --preset tiny --no-progress --out "$OUT/lm" "${extra[@]}"
+    else
+        run train_lm "$LM_TIMEOUT" "$PYTHON" python/train_lm.py --preset gpu --device cuda --bf16 --no-progress \
+            --out "$OUT/lm" "${extra[@]}"
     fi
 fi
 
