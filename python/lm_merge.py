@@ -57,7 +57,10 @@ def merge(results: list[dict]) -> dict:
     return {
         "date": datetime.datetime.now().astimezone().isoformat(timespec="seconds"),
         "command": "lm_merge.py of: " + " | ".join(r.get("command", "?") for r in results),
-        "complete": all(r.get("complete", False) for r in results),
+        "complete": all(r.get("complete", False) for r in results),  # every input ran its whole grid
+        "inputs": [
+            {"command": r.get("command"), "complete": r.get("complete", False), "runs": len(r["runs"])} for r in results
+        ],
         "config": config,
         "environment": results[0].get("environment"),
         "total_time_s": sum(r.get("total_time_s", 0.0) for r in results),
