@@ -75,6 +75,9 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("results", nargs="+", type=Path, help="results.json files written by train_lm.py")
     p.add_argument("--out", type=Path, required=True, help="folder for the merged results.json and loss_curves.png")
     p.add_argument("--title", default="", help="plot title (default: from the configuration)")
+    p.add_argument("--no-wall-clock", action="store_true",
+                   help="plot validation loss against steps only (when the runs shared or paused their cores, "
+                   "their wall-clock says nothing about the optimizers)")
     args = p.parse_args(argv)
     loaded = []
     for path in args.results:
@@ -90,7 +93,7 @@ def main(argv: list[str] | None = None) -> dict:
     c = merged["config"]
     title = args.title or (f"batch {c.get('batch_size')}x{c.get('ctx')}, {c.get('steps')} steps, "
                            f"mean over seeds {c['seeds']}")
-    plot_curves(merged["summary"], args.out / "loss_curves.png", title=title)
+    plot_curves(merged["summary"], args.out / "loss_curves.png", title=title, wall_clock=not args.no_wall_clock)
     print(merged["table"])
     print(f"wrote {args.out / 'results.json'} and {args.out / 'loss_curves.png'}")
     return merged

@@ -27,7 +27,7 @@ def test_merge_of_split_seeds_equals_one_invocation(tmp_path):
     seed0 = tiny(tmp_path / "s0", "--seeds", "0", *grid)
     seed1 = tiny(tmp_path / "s1", "--seeds", "1", *grid)
     merged = lm_merge.main([str(tmp_path / "s0" / "results.json"), str(tmp_path / "s1" / "results.json"),
-                            "--out", str(tmp_path / "merged")])
+                            "--out", str(tmp_path / "merged"), "--no-wall-clock"])
     assert (tmp_path / "merged" / "loss_curves.png").stat().st_size > 0
     assert merged["config"]["seeds"] == [0, 1]
     assert len(merged["runs"]) == 4

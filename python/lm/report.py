@@ -127,22 +127,30 @@ def format_table(summary: dict) -> str:
     return "\n".join(lines)
 
 
-def plot_curves(summary: dict, path: Path, title: str = "") -> None:
-    """Validation loss against step and against training wall-clock, one line per optimizer."""
+def plot_curves(summary: dict, path: Path, title: str = "", wall_clock: bool = True) -> None:
+    """Validation loss against step and (``wall_clock``) against training wall-clock, one line per
+    optimizer. Leave the wall-clock panel out when the runs shared or paused their cores."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, (by_step, by_time) = plt.subplots(1, 2, figsize=(11, 4.2), constrained_layout=True)
+    if wall_clock:
+        fig, (by_step, by_time) = plt.subplots(1, 2, figsize=(11, 4.2), constrained_layout=True)
+        panels = ((by_step, "step"), (by_time, "training wall-clock (s)"))
+    else:
+        fig, by_step = plt.subplots(1, 1, figsize=(6, 4.2), constrained_layout=True)
+        by_time = None
+        panels = ((by_step, "step"),)
     for name, e in summary["optimizers"].items():
         if e.get("best_lr") is None:
             continue
         label = f"{name} (lr {e['best_lr']:g})"
         by_step.plot(e["eval_steps"], e["val_loss"], marker=".", label=label)
-        by_time.plot(e["train_time_at_eval_s"], e["val_loss"], marker=".", label=label)
+        if by_time is not None:
+            by_time.plot(e["train_time_at_eval_s"], e["val_loss"], marker=".", label=label)
     target = summary["target_val_loss"]
-    for ax, xlabel in ((by_step, "step"), (by_time, "training wall-clock (s)")):
+    for ax, xlabel in panels:
         if target is not None:
             ax.axhline(target, color="grey", linestyle="--", linewidth=0.8, label=f"{summary['reference']} final")
         ax.set_xlabel(xlabel)
