@@ -45,7 +45,8 @@ def _threads(n: int) -> Iterator[None]:
 
 
 def thread_choice() -> dict[tuple[str, int], str]:
-    """The way chosen so far for each (op, matrix size): ``"1"``, ``"all"`` or ``"split"``."""
+    """The way chosen so far for each (op, matrix size): ``"1"``, ``"all"`` or ``"split"``
+    (``op`` is ``"qr"``/``"eigh"`` for batches, ``"qr-single"``/``"eigh-single"`` for one matrix)."""
     return dict(_choice)
 
 
@@ -85,7 +86,9 @@ def _run(op: str, fn: Callable[[Tensor], tuple[Tensor, Tensor]], x: Tensor) -> t
             return fn(x)
     full = torch.get_num_threads()
     batch = x.numel() // max(1, x.shape[-1] * x.shape[-2])
-    key = (op, x.shape[-1])
+    # Single matrices and batches are calibrated apart: a single matrix cannot be split, so its
+    # choice (made, e.g., by the per-parameter reference backend) says nothing about a batch's.
+    key = (op, x.shape[-1]) if batch > 1 else (f"{op}-single", x.shape[-1])
     with _lock:
         way = _choice.get(key)
     if way is None:

@@ -51,3 +51,16 @@ def test_triangular_product_symmetric(d):
     assert torch.equal(out, out.mT)
     err = (out.double() - want).abs().max() / want.abs().max()
     assert err < 1e-5
+
+
+def test_single_matrix_choice_does_not_decide_for_batches(monkeypatch):
+    # The reference backend factors one matrix at a time; its calls must not pin the way the
+    # batched engine's calls run (a single matrix has no "split" candidate).
+    monkeypatch.setattr(lapack, "_choice", {})
+    monkeypatch.delenv("SOAP_LAPACK_THREADS", raising=False)
+    with lapack._threads(2):
+        lapack.qr(spd_batch(1, 40)[0])
+        lapack.qr(spd_batch(3, 40))
+    choices = lapack.thread_choice()
+    assert ("qr-single", 40) in choices and ("qr", 40) in choices
+    assert choices[("qr-single", 40)] == "1"
