@@ -107,8 +107,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--threads", type=int, help="torch CPU threads (torch's default if omitted)")
     p.add_argument(
         "--lapack-threads", type=int,
-        help="threads for SOAP's CPU eigh/qr (sets SOAP_LAPACK_THREADS for the run; 0: soap_kernels times both "
-        "and picks, which makes runs differ from process to process). Default: $SOAP_LAPACK_THREADS, else 1",
+        help="threads for SOAP's CPU eigh/qr (sets SOAP_LAPACK_THREADS for the run). 0: soap_kernels picks by "
+        "timing between one thread and the batch split over the cores at one thread each, which give the same "
+        "bits. Default: $SOAP_LAPACK_THREADS, else 0",
     )  # fmt: skip
     p.add_argument("--out", type=Path, help="output folder (default runs/lm-<timestamp>)")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
@@ -397,16 +398,16 @@ def _json_safe(obj):
 
 
 def _lapack_threads(option: int | None) -> int:
-    """The LAPACK thread count for SOAP on the CPU; 0 lets soap_kernels choose by timing.
+    """The LAPACK thread count for SOAP on the CPU; 0 (the default) lets soap_kernels choose.
 
-    One fixed count by default because the timed choice (1 thread or all, whichever ran a first
-    call faster) can differ between processes, and MKL's eigh/qr round differently at different
-    thread counts, so the same seed would not give the same SOAP run twice. One thread was also the
-    faster choice on the project's 2-core machines (DESIGN.md, section 6).
+    soap_kernels.lapack chooses by timing between one thread and the batch split over the cores at
+    one thread per matrix: the same bits either way, so the same seed gives the same SOAP run in
+    every process (multi-threaded LAPACK, which rounds differently, is only a candidate under
+    SOAP_LAPACK_MULTITHREAD=1). A count N > 0 runs every call at N threads, unsplit.
     """
     if option is not None:
         return max(0, option)
-    return int(os.environ.get(LAPACK_THREADS_VARIABLE) or 1)
+    return int(os.environ.get(LAPACK_THREADS_VARIABLE) or 0)
 
 
 def _world_size() -> int:

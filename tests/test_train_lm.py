@@ -75,7 +75,7 @@ def test_adamw_tiny_writes_results_and_plot(tmp_path: Path) -> None:
     results = run_tiny(tmp_path, "--optimizers", "adamw", "--seeds", "0,1", "--lr-grid", "adamw=1e-3,3e-3")
     # main() pins SOAP's LAPACK thread count for its runs only (other tests see the environment unchanged).
     assert os.environ.get("SOAP_LAPACK_THREADS") == lapack_threads
-    assert results["config"]["lapack_threads"] == int(lapack_threads or 1)
+    assert results["config"]["lapack_threads"] == int(lapack_threads or 0)
     check_runs_finite(results, "adamw")
     assert len(results["runs"]) == 4
     adamw = results["summary"]["optimizers"]["adamw"]
