@@ -46,7 +46,8 @@ def backend_info(device: str | torch.device | None = None) -> dict:
 def format_info(info: dict) -> str:
     lines = [
         f"soap_kernels {info['soap_kernels']}  torch {info['torch']}  python {info['python']}",
-        f"device {info['device']}: backend='auto' picks {info['auto']!r}",
+        f"device {info['device']}: backend='auto' picks {info['auto']!r}"
+        + (" (per bucket: Triton or torch ops, whichever a timed first update finds faster)" if info["auto"] == "triton" else ""),
         "backends:",
     ]
     for name, b in info["backends"].items():

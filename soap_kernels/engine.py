@@ -26,6 +26,7 @@ permutation and mixing, so the moments stay as they are) and are reported throug
 from __future__ import annotations
 
 import math
+import time
 import warnings
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -60,6 +61,17 @@ def _finite_rows(x: Tensor) -> Tensor:
     return torch.isfinite(x.flatten(1).sum(dim=1))
 
 
+def time_update(fn: Callable[[], None], device: torch.device) -> float:
+    """Seconds one call of ``fn`` takes on ``device`` (synchronised on CUDA)."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    start = time.perf_counter()
+    fn()
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    return time.perf_counter() - start
+
+
 def bucket_key(param: Tensor, layout: Layout) -> tuple:
     return (layout, param.dtype, param.device)
 
@@ -71,7 +83,10 @@ class Bucket:
                  precision: str = "fp32") -> None:
         self.params = params
         # "triton": matrix buckets (and un-preconditioned ones) run the fused Triton kernels.
+        # "measure" (backend="auto" where Triton runs): time both at the first full update, keep
+        # the faster (see _measure_kernels); ``measured`` holds the timings.
         self.kernels = kernels
+        self.measured: dict[str, float] | None = None
         self.precision = precision
         self.layout = layout
         self.second_moment = second_moment
@@ -253,6 +268,8 @@ class Bucket:
 
     def update(self, rows: list[int], grads: list[Tensor], group: dict) -> None:
         """Steps 3 and the statistics half of 4 of DESIGN §1 for ``rows`` (all initialised)."""
+        if self.kernels == "measure":
+            self._measure_kernels(rows, grads, group)
         if self._triton_update(rows, grads, group) or self._native_adam_update(rows, grads, group):
             return
         layout = self.layout
@@ -327,6 +344,61 @@ class Bucket:
             else:
                 return None
         return out
+
+    def _measure_kernels(self, rows: list[int], grads: list[Tensor], group: dict) -> None:
+        """``backend="auto"`` with Triton available: time this bucket's whole update through the
+        Triton kernels and through the torch ops, on the bucket's own state and gradients (restored
+        after every timed call, so the run is the same as with the chosen path alone), and keep the
+        faster for the rest of the run (``self.kernels``; the timings in ``self.measured``). The
+        first call of each path is not counted (Triton compiles and tunes then). A bucket the Triton
+        path cannot take, or an update of only some of its rows, stays on torch / is measured later."""
+        self.kernels = "triton"
+        eligible = self._uses_triton() and not (
+            not self.layout.any_preconditioned and (self._work_views(self.params) is None or group["normalize_grads"])
+        )
+        if not eligible:
+            self.kernels, self.measured = "torch", None
+            return
+        if len(rows) != len(self.params):
+            self.kernels = "measure"  # decide at a full update; this one runs on torch
+            return
+        saved = self._snapshot()
+        best = {"triton": math.inf, "torch": math.inf}
+        try:
+            for rnd in range(3):
+                for kernels in ("triton", "torch"):
+                    self.kernels = kernels
+                    seconds = time_update(lambda: self.update(rows, grads, group), self.exp_avg.device)
+                    self._restore(saved)
+                    if rnd:
+                        best[kernels] = min(best[kernels], seconds)
+        finally:
+            self._restore(saved)
+        self.kernels = min(best, key=best.get)
+        self.measured = {k: v * 1e3 for k, v in best.items()}  # ms
+
+    def _snapshot(self) -> dict[str, Any]:
+        """What an update changes: moments, statistics, step counters and the parameters."""
+        return {
+            "exp_avg": self.exp_avg.clone(),
+            "exp_avg_sq": self.exp_avg_sq.clone(),
+            "stats": [None if s is None else s.clone() for s in self.stats],
+            "step": self.step.clone(),
+            "host_step": list(self.host_step),
+            "params": [p.detach().clone() for p in self.params],
+        }
+
+    def _restore(self, saved: dict[str, Any]) -> None:
+        self.exp_avg.copy_(saved["exp_avg"])
+        self.exp_avg_sq.copy_(saved["exp_avg_sq"])
+        for s, kept in zip(self.stats, saved["stats"]):
+            if s is not None:
+                s.copy_(kept)
+        self.step.copy_(saved["step"])
+        self.host_step[:] = saved["host_step"]
+        with torch.no_grad():
+            for p, kept in zip(self.params, saved["params"]):
+                p.copy_(kept)
 
     def _uses_triton(self) -> bool:
         return self.kernels == "triton" and self.second_moment == "adam" and (

@@ -359,10 +359,10 @@ def backend_available(name: str) -> tuple[bool, str]:
 
 
 def auto_backend(device: torch.device | None) -> str:
-    """``backend="auto"``: the batched torch engine, or Triton on a CUDA device where it can run.
-
-    Not yet measured on a GPU (none was available to this project so far): the Triton choice on
-    CUDA follows the design, not a measurement; ``benchmarks/run_gpu.sh`` produces the numbers.
+    """``backend="auto"``: the batched torch engine, or on a CUDA device where Triton runs, the
+    engine with a per-bucket choice: each bucket's first full update is timed through the Triton
+    kernels and through the torch ops and the faster is kept (``SOAP.kernel_choices()`` shows the
+    choice and the timings). Never run on a GPU so far (none was lent to this project).
     """
     if device is not None and device.type == "cuda" and backend_available("triton")[0]:
         return "triton"

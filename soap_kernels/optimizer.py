@@ -248,7 +248,9 @@ class SOAP(torch.optim.Optimizer):
         self.factorization_failures = 0  # factorisations that failed twice (previous basis kept)
         self._warned: set[int] = set()  # ids of parameters already warned about
         self._updates = 0  # optimizer-wide update count: the schedule's t
-        kernels = "triton" if self.backend == "triton" else "torch"
+        # backend="auto" that resolved to Triton measures, per bucket, whether Triton or the torch
+        # ops update it faster (DESIGN §3: auto picks the fastest available per op).
+        kernels = ("measure" if backend == "auto" else "triton") if self.backend == "triton" else "torch"
         self._engine = None if self.backend == "reference" else BatchedEngine(second_moment, kernels, rotation_precision)
         if self._engine is not None:
             self._engine.on_failure = self._factorization_failed
@@ -564,6 +566,19 @@ class SOAP(torch.optim.Optimizer):
             bucket.refresh(rows_per_dim)
 
     # ------------------------------------------------------------------------------ checkpoints
+    def kernel_choices(self) -> list[dict[str, Any]]:
+        """Which ops update each bucket: one entry per bucket (param group, working shape, number of
+        parameters, ``kernels`` = ``"torch"``/``"triton"``, and for ``backend="auto"`` the measured
+        milliseconds of one update each way, ``None`` before a bucket's first full update). Empty
+        for the reference backend."""
+        if self._engine is None:
+            return []
+        return [
+            {"group": gi, "work_shape": tuple(b.layout.work_shape), "count": len(b.params), "kernels": b.kernels,
+             "measured_ms": None if b.measured is None else dict(b.measured)}
+            for gi, b in self._engine.buckets
+        ]
+
     def _reference_layout_state(self) -> dict[Tensor, dict]:
         if self.backend == "reference":
             return {p: s for p, s in self.state.items() if "Q" in s}

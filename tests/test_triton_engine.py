@@ -97,3 +97,63 @@ def test_low_precision_rotations_track_reference(precision, case):
     print(f"{case} {precision}: max rel param error {err:.2e} (fp32 mode {floor:.2e}, tol {ROTATION_PRECISION_TOL[precision]:g})")
     assert err <= ROTATION_PRECISION_TOL[precision]
     assert err >= ROTATION_PRECISION_OVER_FP32 * floor
+
+
+def _run(params, shapes, steps, backend, kernels=None, skip=None, **opts):
+    """``steps`` SOAP steps; ``kernels`` overrides the engine's kernel mode before the first step
+    (``"measure"`` is what backend="auto" uses where compiled Triton runs: on a GPU)."""
+    from conftest import grad_stream
+
+    opt = SOAP(params, lr=3e-2, precondition_frequency=4, backend=backend, **opts)
+    if kernels is not None:
+        opt._engine.kernels = kernels
+    for grads in grad_stream(shapes, steps, skip=skip):
+        for p, g in zip(params, grads):
+            p.grad = g
+        opt.step()
+    return opt
+
+
+@pytest.mark.parametrize("winner", ["torch", "triton"])
+def test_measured_choice_per_bucket_leaves_the_run_unchanged(monkeypatch, winner):
+    """backend="auto" on a GPU times each bucket's update both ways on its own state, keeps the
+    faster, and restores the state after timing: the run is bit for bit the run of the chosen path."""
+    from soap_kernels import engine
+
+    def fake_time(fn, device):  # the interpreter is always slower: fake the GPU's answer
+        fn()
+        return 1.0 if _current[0] == winner else 2.0
+
+    _current = [None]
+    real_update = engine.Bucket.update
+
+    def spy_update(self, rows, grads, group):
+        _current[0] = self.kernels
+        return real_update(self, rows, grads, group)
+
+    monkeypatch.setattr(engine, "time_update", fake_time)
+    monkeypatch.setattr(engine.Bucket, "update", spy_update)
+    shapes = [(6, 5), (6, 5), (7,), (4, 3)]
+    # Step 0 initialises; at step 1 the (6, 5) bucket misses a gradient (measured later, at step 2).
+    skip = lambda t, i: t == 1 and i == 0  # noqa: E731
+    measured = make_params(shapes)
+    opt = _run(measured, shapes, 9, "triton", kernels="measure", skip=skip)
+    choices = opt.kernel_choices()
+    assert [c["kernels"] for c in choices] == [winner] * len(choices)
+    assert all(set(c["measured_ms"]) == {"triton", "torch"} for c in choices)
+    monkeypatch.setattr(engine.Bucket, "update", real_update)
+    plain = make_params(shapes)
+    _run(plain, shapes, 9, winner, skip=skip)
+    for a, b in zip(measured, plain):
+        assert torch.equal(a, b)
+
+
+def test_auto_measures_only_where_compiled_triton_runs():
+    params = make_params([(6, 5)])
+    opt = SOAP(params, backend="auto")
+    assert opt.backend == "torch"  # CPU tensors: the torch engine, nothing measured
+    params[0].grad = torch.randn(6, 5)
+    opt.step()
+    assert opt.kernel_choices() == [{"group": 0, "work_shape": (6, 5), "count": 1, "kernels": "torch",
+                                     "measured_ms": None}]
+    assert SOAP(make_params([(3,)]), backend="reference").kernel_choices() == []
