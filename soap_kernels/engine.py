@@ -368,8 +368,18 @@ class Bucket:
             for rnd in range(3):
                 for kernels in ("triton", "torch"):
                     self.kernels = kernels
-                    seconds = time_update(lambda: self.update(rows, grads, group), self.exp_avg.device)
-                    self._restore(saved)
+                    try:
+                        seconds = time_update(lambda: self.update(rows, grads, group), self.exp_avg.device)
+                    except Exception as exc:  # e.g. a Triton compile error: auto must not fail for it
+                        if kernels == "torch":
+                            raise
+                        warnings.warn(f"SOAP backend='auto': the Triton kernels failed on a bucket of working shape "
+                                      f"{self.layout.work_shape} ({type(exc).__name__}: {exc}); it uses the torch ops",
+                                      RuntimeWarning, stacklevel=4)
+                        self.kernels, self.measured = "torch", None
+                        return
+                    finally:
+                        self._restore(saved)
                     if rnd:
                         best[kernels] = min(best[kernels], seconds)
         finally:

@@ -157,3 +157,21 @@ def test_auto_measures_only_where_compiled_triton_runs():
     assert opt.kernel_choices() == [{"group": 0, "work_shape": (6, 5), "count": 1, "kernels": "torch",
                                      "measured_ms": None}]
     assert SOAP(make_params([(3,)]), backend="reference").kernel_choices() == []
+
+
+def test_measured_choice_falls_back_to_torch_when_triton_fails(monkeypatch):
+    from soap_kernels import triton as tk
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("compile error (simulated)")
+
+    monkeypatch.setattr(tk, "rotate_in_adam", broken)
+    shapes = [(6, 5), (6, 5)]
+    measured = make_params(shapes)
+    with pytest.warns(RuntimeWarning, match="Triton kernels failed"):
+        opt = _run(measured, shapes, 6, "triton", kernels="measure")
+    assert [c["kernels"] for c in opt.kernel_choices()] == ["torch"]
+    plain = make_params(shapes)
+    _run(plain, shapes, 6, "torch")
+    for a, b in zip(measured, plain):
+        assert torch.equal(a, b)
