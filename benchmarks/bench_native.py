@@ -38,6 +38,7 @@ import torch
 from torch import Tensor
 
 from soap_kernels import _native
+from soap_kernels._info import cpu_model
 
 BETA1, BETA2, EPS, LR, WEIGHT_DECAY = 0.95, 0.95, 1e-8, 3e-3, 0.01
 D_MODEL, N_LAYER, D_MLP = 768, 12, 3072
@@ -236,16 +237,6 @@ def print_row(row: dict[str, Any]) -> None:
     )
 
 
-def cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
-
-
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument(
@@ -268,7 +259,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     thread_counts = [int(t) for t in str(args.threads).split(",") if t.strip()]
     torch.manual_seed(0)
     meta = {
-        "device": cpu_name(),
+        "device": cpu_model(),
         "threads": thread_counts,
         "cpu_count": os.cpu_count(),
         "load_average_at_start": list(os.getloadavg()),

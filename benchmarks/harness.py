@@ -31,6 +31,7 @@ from pathlib import Path
 import torch
 
 from soap_kernels import ops
+from soap_kernels._info import cpu_model
 from soap_kernels.reference import make_layout
 
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -353,16 +354,6 @@ def load_average() -> list[float] | None:
         return None
 
 
-def _cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
-
-
 def _git(*args: str) -> str:
     try:
         return subprocess.run(["git", *args], capture_output=True, text=True, cwd=Path(__file__).parent,
@@ -377,7 +368,7 @@ def environment(device: torch.device) -> dict:
 
     rev = _git("rev-parse", "--short", "HEAD")
     dirty = bool(_git("status", "--porcelain", "--untracked-files=no", "--", "soap_kernels", "benchmarks"))
-    name = torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU ({_cpu_model()}, {os.cpu_count()} cores)"
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU ({cpu_model()}, {os.cpu_count()} cores)"
     info = {
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "git_revision": (rev + ("+dirty" if dirty else "")) if rev else "unknown",

@@ -21,8 +21,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from lm.report import format_table, plot_curves, summarize  # noqa: E402
+from train_lm import OPTIMIZERS  # noqa: E402
 
-ORDER = ("adamw", "soap", "shampoo")
 # config keys that may differ between the merged invocations
 PER_INVOCATION = {"seeds", "lr_grid", "optimizers", "threads", "lapack_threads"}
 
@@ -46,7 +46,7 @@ def merge(results: list[dict]) -> dict:
                 seen.add(key)
                 runs.append(run)
     present = {run["optimizer"] for run in runs}
-    optimizers = [name for name in ORDER if name in present]
+    optimizers = [name for name in OPTIMIZERS if name in present]
     summary = summarize(runs, optimizers)
     config = dict(results[0]["config"])
     config.update(

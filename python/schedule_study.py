@@ -59,6 +59,7 @@ sys.path.insert(0, str(HERE))  # study_* modules and the lm package next to this
 if str(HERE.parent) not in sys.path:
     sys.path.append(str(HERE.parent))  # soap_kernels from this checkout when it is not installed
 
+from lm.lr import warmup_cosine  # noqa: E402
 from study_meter import RefreshMeter, engine_refresh_count  # noqa: E402
 from study_report import check_claims, format_claims, format_table, plot_task, summarize_task  # noqa: E402
 from study_tasks import TASKS, Task  # noqa: E402
@@ -140,16 +141,6 @@ def make_optimizer(name: str, param_groups: list[dict], steps: int, args: argpar
         return torch.optim.AdamW(param_groups, lr=lr, betas=betas, eps=1e-8), None
     schedule = make_schedule(name, steps, count_factors(param_groups), args)
     return SOAP(param_groups, lr=lr, betas=betas, eps=1e-8, backend=args.backend, schedule=schedule), schedule
-
-
-def warmup_cosine(warmup: int, total: int, min_ratio: float = 0.1):
-    def factor(step: int) -> float:
-        if step < warmup:
-            return (step + 1) / warmup
-        progress = min(1.0, (step - warmup) / max(1, total - warmup))
-        return min_ratio + (1.0 - min_ratio) * 0.5 * (1.0 + math.cos(math.pi * progress))
-
-    return factor
 
 
 # ------------------------------------------------------------------------------------------- runs

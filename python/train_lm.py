@@ -47,7 +47,7 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))  # the lm package next to this file
 sys.path.append(str(HERE.parent))  # soap_kernels from this checkout when it is not installed
 
-from lm import GPT, PRESETS, CharCorpus, GPTConfig, load_text  # noqa: E402
+from lm import GPT, PRESETS, CharCorpus, GPTConfig, load_text, warmup_cosine  # noqa: E402
 from lm.data import DEFAULT_CORPUS  # noqa: E402
 from lm.report import format_table, plot_curves, summarize  # noqa: E402
 
@@ -200,18 +200,6 @@ def make_optimizer(name: str, param_groups: list[dict], lr: float, config: dict)
         backend=config["soap_backend"],
         second_moment=second_moment,
     )
-
-
-def warmup_cosine(warmup_steps: int, total_steps: int, min_ratio: float):
-    """LR factor for LambdaLR: linear warm-up to 1, then cosine decay to ``min_ratio``."""
-
-    def factor(step: int) -> float:
-        if step < warmup_steps:
-            return (step + 1) / warmup_steps
-        progress = min(1.0, (step - warmup_steps) / max(1, total_steps - warmup_steps))
-        return min_ratio + (1.0 - min_ratio) * 0.5 * (1.0 + math.cos(math.pi * progress))
-
-    return factor
 
 
 def state_bytes(optimizer: torch.optim.Optimizer) -> int:

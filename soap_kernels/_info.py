@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import platform
+from pathlib import Path
 
 import torch
 
@@ -16,6 +17,17 @@ OPS = {
     "plain Adam (un-preconditioned)": {"torch": True, "triton": True},
     "refresh (sort, power step, QR)": {"torch": True, "triton": True},
 }
+
+
+def cpu_model() -> str:
+    """The CPU's model name (``/proc/cpuinfo``), else what ``platform`` knows."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
 
 
 def backend_info(device: str | torch.device | None = None) -> dict:

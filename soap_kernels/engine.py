@@ -353,10 +353,7 @@ class Bucket:
         first call of each path is not counted (Triton compiles and tunes then). A bucket the Triton
         path cannot take, or an update of only some of its rows, stays on torch / is measured later."""
         self.kernels = "triton"
-        eligible = self._uses_triton() and not (
-            not self.layout.any_preconditioned and (self._work_views(self.params) is None or group["normalize_grads"])
-        )
-        if not eligible:
+        if not self._triton_takes(group):
             self.kernels, self.measured = "torch", None
             return
         if len(rows) != len(self.params):
@@ -415,6 +412,17 @@ class Bucket:
             len(self.layout.work_shape) == 2 or not self.layout.any_preconditioned
         )
 
+    def _triton_takes(self, group: dict, views: list[Tensor] | None = None) -> bool:
+        """Whether :meth:`_triton_update` runs this bucket (a full update): the multi-tensor Adam
+        kernel of un-preconditioned buckets needs working-shaped parameters and does not normalise.
+        Regression: normalize_grads was ignored for un-preconditioned buckets on the Triton path."""
+        if not self._uses_triton():
+            return False
+        if self.layout.any_preconditioned:
+            return True
+        views = self._work_views(self.params) if views is None else views
+        return views is not None and not group["normalize_grads"]
+
     def _triton_update(self, rows: list[int], grads: list[Tensor], group: dict) -> bool:
         """The update through the fused Triton kernels (matrix and un-preconditioned buckets).
 
@@ -424,9 +432,7 @@ class Bucket:
         if not self._uses_triton() or len(rows) != len(self.params):
             return False
         views = self._work_views(self.params)
-        if not self.layout.any_preconditioned and (views is None or group["normalize_grads"]):
-            # The multi-tensor Adam kernel needs working-shaped parameters and does not normalise.
-            # Regression: normalize_grads was ignored for un-preconditioned buckets on this path.
+        if not self._triton_takes(group, views):
             return False
         from . import triton as tk
 

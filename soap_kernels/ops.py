@@ -226,8 +226,7 @@ def reexpress(exp_avg: Tensor, dim: int, perm: Tensor, q_mix: Tensor) -> Tensor:
     d = q_mix.shape[-1]
     if d * d >= exp_avg[0].numel():
         return _mode_product(permute_along(exp_avg, dim, perm), q_mix, dim + 1, back=False)
-    inverse = torch.argsort(perm, dim=-1)
-    rows = torch.stack([m.index_select(0, i) for m, i in zip(q_mix, inverse)])
+    rows = permute_along(q_mix, 0, torch.argsort(perm, dim=-1))
     return _mode_product(exp_avg, rows, dim + 1, back=False)
 
 
