@@ -579,6 +579,42 @@ class SOAP(torch.optim.Optimizer):
             for gi, b in self._engine.buckets
         ]
 
+    def buckets_info(self) -> list[dict[str, Any]]:
+        """One entry per bucket of the batched engine (empty for ``backend="reference"``):
+        ``group`` (param-group index), ``shape`` (the parameters' shape), ``work_shape``,
+        ``preconditioned`` (per working dim), ``count`` (parameters stacked), ``dtype``, ``device``,
+        ``kernels`` (``"torch"``/``"triton"``/``"measure"`` before auto's measurement),
+        ``refreshes`` (factor refreshes so far) and ``state_bytes`` (the bucket's state tensors)."""
+        if self._engine is None:
+            return []
+        self._ensure_engine()
+        out = []
+        for gi, b in self._engine.buckets:
+            tensors = [b.exp_avg, b.exp_avg_sq, b.step, *[t for t in (*b.q, *b.stats) if t is not None]]
+            out.append({
+                "group": gi, "shape": tuple(b.layout.shape), "work_shape": tuple(b.layout.work_shape),
+                "preconditioned": list(b.layout.preconditioned), "count": len(b.params), "dtype": b.dtype,
+                "device": b.exp_avg.device, "kernels": b.kernels,
+                "refreshes": sum(sum(c) for c, q in zip(b.refresh_count, b.q) if q is not None),
+                "state_bytes": sum(t.numel() * t.element_size() for t in tensors),
+            })
+        return out
+
+    def memory_info(self) -> dict[str, int]:
+        """Bytes the optimizer holds: ``state_bytes`` (every state tensor, each storage counted
+        once) and ``workspace_bytes`` (scratch buffers kept between steps)."""
+        if self._engine is None:
+            seen: dict[int, int] = {}
+            for s in self.state.values():
+                for v in s.values():
+                    for t in (v if isinstance(v, list) else [v]):
+                        if isinstance(t, Tensor) and t.numel():
+                            st = t.untyped_storage()
+                            seen[st.data_ptr()] = st.nbytes()
+            return {"state_bytes": sum(seen.values()), "workspace_bytes": 0}
+        work = sum(t.numel() * t.element_size() for t in self._engine.workspace_pool.buffers.values())
+        return {"state_bytes": sum(b["state_bytes"] for b in self.buckets_info()), "workspace_bytes": work}
+
     def _reference_layout_state(self) -> dict[Tensor, dict]:
         if self.backend == "reference":
             return {p: s for p, s in self.state.items() if "Q" in s}
