@@ -742,6 +742,7 @@ class ShardedSOAP(SOAP):
                     per_bucket[id(bucket)] = bucket.drift().double().cpu()
                 drift[k] = per_bucket[id(bucket)][bucket.factor_dims.index(dim), row]
             drift = self._all_reduce_sum(drift)
+        if self.schedule.needs_drift or getattr(self.schedule, "needs_cost", False):
             cost = torch.tensor([_refresh_cost(e.layout, dim) for e, dim in factors], dtype=torch.float64)
         decision = self.schedule.decide(self._updates, loss=loss_value, drift=drift, cost=cost)
         if decision is False:

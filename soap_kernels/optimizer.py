@@ -485,6 +485,7 @@ class SOAP(torch.optim.Optimizer):
         if self.schedule.needs_drift:
             drift = torch.tensor([reference.drift(state, i) if "Q" in state else 0.0 for _, state, _, i in factors],
                                  dtype=torch.float64)
+        if self.schedule.needs_drift or getattr(self.schedule, "needs_cost", False):
             cost = torch.tensor([_refresh_cost(layout, i) for _, _, layout, i in factors], dtype=torch.float64)
         decision = self.schedule.decide(self._updates, loss=loss_value, drift=drift, cost=cost)
         chosen: dict[int, tuple[Tensor, dict, Layout, set[int]]] = {}
@@ -553,6 +554,7 @@ class SOAP(torch.optim.Optimizer):
                 [float(per_bucket[id(b)][b.factor_dims.index(dim), row]) for b, dim, row in factors],
                 dtype=torch.float64,
             )
+        if self.schedule.needs_drift or getattr(self.schedule, "needs_cost", False):
             cost = torch.tensor([_refresh_cost(b.layout, dim) for b, dim, _ in factors], dtype=torch.float64)
         decision = self.schedule.decide(self._updates, loss=loss_value, drift=drift, cost=cost)
         if decision is False:

@@ -115,6 +115,8 @@ class RefreshSchedule:
 
     needs_loss: bool = False
     needs_drift: bool = False
+    # True: ``decide`` gets ``cost`` (each factor's refresh FLOPs) even without ``needs_drift``.
+    needs_cost: bool = False
 
     def decide(
         self,
