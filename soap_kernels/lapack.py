@@ -1,15 +1,24 @@
-"""LAPACK calls (QR, eigh) run the way that measured fastest on this machine.
+"""LAPACK calls (QR, eigh) run the way that measures fastest on this machine, now.
 
 Measured on the project's 2-core machines: MKL's ``eigh``/``qr`` can run several times slower with
 all threads than with one (a batch of six 1024² QRs: 0.42 s at one thread, 1.52 s at two), while on
 other machines the opposite holds. A batch can also be split over the cores, each piece running
-single-threaded. So the first call for a given (op, size) on the CPU times the candidates on a sample of the
-batch — one thread, or the batch split over the cores at one thread each — and remembers the
-faster; later calls use it. Both give the same bits (every matrix is factored single-threaded), so
-a run is reproducible whatever the timing picked. ``SOAP_LAPACK_MULTITHREAD=1`` adds all-threads
-LAPACK as a candidate (faster on some machines, but its rounding differs, so runs may then differ
-between processes). ``SOAP_LAPACK_THREADS=N`` fixes the thread count instead (no split).
-CUDA calls go straight through.
+single-threaded. Both ways give the same bits (every matrix is factored single-threaded), so a run
+is reproducible whatever the timing picks, and which is faster depends on the machine *and on what
+else runs on it*: a choice measured once, while another process was busy, would stay wrong.
+
+So nothing is locked in. Every CPU call for a given (op, matrix size, batch size) is timed, per
+matrix, and the choice follows the latest measurements (:class:`_Chooser`): the first call runs
+one thread (the reference backend's way: one matrix at a time, one thread), the next tries the
+split; from then on the way whose latest call was faster is used, and the other is tried again
+on a real call (its result is used: the ways are bit-identical, so a probe wastes nothing but the
+difference in speed) after 2, 4, 8 … up to :data:`MAX_PROBE_INTERVAL` calls while it keeps
+losing, and at once when the chosen way's time jumps (by :data:`CHANGE` either way: the load
+changed) or exceeds the other's last time. A busy period therefore moves the choice to whichever
+way is faster while it lasts and lets it move back after. ``SOAP_LAPACK_MULTITHREAD=1`` adds
+all-threads LAPACK (the plain call) as a candidate (faster on some machines, but its rounding
+differs, so runs may then differ between processes). ``SOAP_LAPACK_THREADS=N`` fixes the thread
+count instead (no split, no timing). CUDA calls go straight through.
 """
 
 from __future__ import annotations
@@ -24,11 +33,80 @@ from concurrent.futures import ThreadPoolExecutor
 import torch
 from torch import Tensor
 
-__all__ = ["qr", "eigh", "thread_choice"]
+__all__ = ["qr", "eigh", "thread_choice", "choice_stats"]
 
+MIN_PROBE_INTERVAL = 2
+MAX_PROBE_INTERVAL = 32
+CHANGE = 1.25  # a chosen way's time moving by this factor between its calls means the load changed
+
+_clock: Callable[[], float] = time.perf_counter  # tests inject a fake clock
+_choosers: dict[tuple[str, int, int, int], _Chooser] = {}
 _choice: dict[tuple[str, int], str] = {}
 _lock = threading.Lock()
 _pool: ThreadPoolExecutor | None = None
+
+
+class _Chooser:
+    """The way to run one kind of call (op, size, batch, threads), from its latest timings.
+
+    ``latest[w]``: seconds per matrix of the last call run way ``w``; ``since[w]``: calls since
+    then. ``pick()`` names the way for the next call, ``record(way, seconds_per_matrix)`` takes
+    its time. The chosen way is the one whose latest time is lower; the others are probed (run on
+    a real call) when they have no time yet, after ``interval`` calls (doubling, up to
+    MAX_PROBE_INTERVAL, while probes confirm the choice; back to MIN_PROBE_INTERVAL when one
+    changes it), or at once when the chosen way's time moved by CHANGE or rose above another
+    way's last time."""
+
+    def __init__(self, ways: tuple[str, ...]):
+        self.ways = ways
+        self.current = ways[0]
+        self.latest: dict[str, float] = {}
+        self.best: dict[str, float] = {}
+        self.since: dict[str, int] = {w: 0 for w in ways}
+        self.interval = MIN_PROBE_INTERVAL
+        self.alarm = False
+        self.calls = self.probes = self.switches = 0
+
+    def pick(self) -> str:
+        for w in self.ways:
+            if w not in self.latest:
+                return w
+        others = [w for w in self.ways if w != self.current]
+        if not others:
+            return self.current
+        stalest = max(others, key=lambda w: self.since[w])
+        if self.alarm or self.since[stalest] >= self.interval:
+            return stalest
+        return self.current
+
+    def record(self, way: str, seconds: float) -> None:
+        self.calls += 1
+        previous = self.latest.get(way)
+        self.latest[way] = seconds
+        self.best[way] = min(seconds, self.best.get(way, float("inf")))
+        for w in self.ways:
+            self.since[w] = 0 if w == way else self.since[w] + 1
+        if way != self.current:  # a probe (or a first measurement): compare with the chosen way's last call
+            self.probes += 1
+            self.alarm = False
+            if self.current not in self.latest or seconds < self.latest[self.current]:
+                if self.current in self.latest:
+                    self.switches += 1
+                self.current = way
+                self.interval = MIN_PROBE_INTERVAL
+            else:
+                self.interval = min(2 * self.interval, MAX_PROBE_INTERVAL)
+            return
+        if previous is not None and not previous / CHANGE <= seconds <= previous * CHANGE:
+            self.alarm = True  # the load changed: check the other ways now
+            self.interval = MIN_PROBE_INTERVAL
+        elif any(seconds > self.latest[w] for w in self.ways if w != way and w in self.latest):
+            self.alarm = True  # the chosen way now loses to another's last time
+
+    def stats(self) -> dict:
+        return {"way": self.current, "latest_s_per_matrix": dict(self.latest),
+                "best_s_per_matrix": dict(self.best), "calls": self.calls, "probes": self.probes,
+                "switches": self.switches, "probe_interval": self.interval}
 
 
 @contextlib.contextmanager
@@ -45,9 +123,19 @@ def _threads(n: int) -> Iterator[None]:
 
 
 def thread_choice() -> dict[tuple[str, int], str]:
-    """The way chosen so far for each (op, matrix size): ``"1"``, ``"all"`` or ``"split"``
-    (``op`` is ``"qr"``/``"eigh"`` for batches, ``"qr-single"``/``"eigh-single"`` for one matrix)."""
-    return dict(_choice)
+    """The way chosen now for each (op, matrix size) (the latest batch size seen): ``"1"``,
+    ``"all"`` or ``"split"`` (``op`` is ``"qr"``/``"eigh"`` for batches, ``"qr-single"``/
+    ``"eigh-single"`` for one matrix). Choices follow the measurements: they may change later."""
+    with _lock:
+        return dict(_choice)
+
+
+def choice_stats() -> list[dict]:
+    """Per kind of call (op, size, batch, threads): the way chosen now, the latest and best
+    seconds per matrix of each way, and how many calls, probes and switches there were."""
+    with _lock:
+        return [{"op": op, "size": d, "batch": b, "threads": t, **c.stats()}
+                for (op, d, b, t), c in _choosers.items()]
 
 
 def _split(fn: Callable[[Tensor], tuple[Tensor, Tensor]], x: Tensor, workers: int) -> tuple[Tensor, Tensor]:
@@ -57,7 +145,12 @@ def _split(fn: Callable[[Tensor], tuple[Tensor, Tensor]], x: Tensor, workers: in
     into the output itself, so the copies run in parallel too."""
     global _pool
     if _pool is None:
-        _pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="soap-lapack")
+        # Each worker sets its own thread count before its first call: a fresh thread's OpenMP
+        # count is the process default (all cores), not the caller's, so without this the first
+        # split call factored with all threads and gave other bits than one thread (seen in
+        # tests/test_lapack.py once the pool was no longer created by a calibration).
+        _pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="soap-lapack",
+                                   initializer=torch.set_num_threads, initargs=(1,))
     flat = x.reshape(-1, *x.shape[-2:])
     outs: list[tuple[Tensor, Tensor]] = []
     ready = threading.Lock()
@@ -77,6 +170,26 @@ def _split(fn: Callable[[Tensor], tuple[Tensor, Tensor]], x: Tensor, workers: in
     return first.reshape(*x.shape[:-2], *first.shape[1:]), second.reshape(*x.shape[:-2], *second.shape[1:])
 
 
+def _candidates(full: int, batch: int) -> tuple[str, ...]:
+    ways = ["1"]
+    if full > 1 and batch > 1:
+        ways.append("split")
+    if full > 1 and os.environ.get("SOAP_LAPACK_MULTITHREAD", "0") != "0":
+        # Multi-threaded LAPACK rounds differently from single-threaded LAPACK, so it is a
+        # candidate only on request: by default every choice gives the same bits.
+        ways.append("all")
+    return tuple(ways)
+
+
+def _execute(way: str, fn: Callable[[Tensor], tuple[Tensor, Tensor]], x: Tensor, full: int,
+             batch: int) -> tuple[Tensor, Tensor]:
+    if way == "all":
+        return fn(x)
+    if way == "split" and batch > 1:
+        return _split(fn, x, min(full, batch))
+    return _one(fn, x)
+
+
 def _run(op: str, fn: Callable[[Tensor], tuple[Tensor, Tensor]], x: Tensor) -> tuple[Tensor, Tensor]:
     if x.device.type != "cpu":
         return fn(x)
@@ -86,44 +199,27 @@ def _run(op: str, fn: Callable[[Tensor], tuple[Tensor, Tensor]], x: Tensor) -> t
             return fn(x)
     full = torch.get_num_threads()
     batch = x.numel() // max(1, x.shape[-1] * x.shape[-2])
-    # Single matrices and batches are calibrated apart: a single matrix cannot be split, so its
-    # choice (made, e.g., by the per-parameter reference backend) says nothing about a batch's.
-    key = (op, x.shape[-1]) if batch > 1 else (f"{op}-single", x.shape[-1])
+    # Single matrices and batches are told apart: a single matrix cannot be split, so its choice
+    # (made, e.g., by the per-parameter reference backend) says nothing about a batch's.
+    name = op if batch > 1 else f"{op}-single"
+    ways = _candidates(full, batch)
+    key = (name, x.shape[-1], batch, full)
     with _lock:
-        way = _choice.get(key)
-    if way is None:
-        way = _calibrate(fn, x, full, batch)
+        chooser = _choosers.get(key)
+        if chooser is None or chooser.ways != ways:
+            chooser = _choosers[key] = _Chooser(ways)
+        way = chooser.pick()
+    if len(ways) == 1:
+        out = _execute(way, fn, x, full, batch)
+    else:
+        t0 = _clock()
+        out = _execute(way, fn, x, full, batch)
+        elapsed = _clock() - t0
         with _lock:
-            _choice[key] = way
-    if way == "all":
-        return fn(x)
-    if way == "split" and batch > 1:
-        return _split(fn, x, min(full, batch))
-    return _one(fn, x)
-
-
-def _calibrate(fn: Callable[[Tensor], tuple[Tensor, Tensor]], x: Tensor, full: int, batch: int) -> str:
-    """Time the candidates on at most two matrices of this size (a whole batch of 1024² QRs at
-    the slow thread count took 19 s here), dropping one as soon as it runs 3× the best."""
-    if full == 1:
-        return "1"
-    sample = x.reshape(-1, *x.shape[-2:])[: min(batch, 2)]
-    ways: dict[str, Callable[[], object]] = {"1": lambda: _one(fn, sample)}
-    if os.environ.get("SOAP_LAPACK_MULTITHREAD", "0") != "0":
-        # Multi-threaded LAPACK rounds differently from single-threaded LAPACK, so it is a
-        # candidate only on request: by default every choice gives the same bits.
-        ways["all"] = lambda: fn(sample)
-    if sample.shape[0] > 1:
-        ways["split"] = lambda: _split(fn, sample, min(full, sample.shape[0]))
-    best: dict[str, float] = {}
-    for _ in range(3):  # three rounds: the first of each pays one-off costs, the best of the rest counts
-        for name, call in ways.items():
-            if best and name in best and best[name] > 3 * min(best.values()):
-                continue
-            t0 = time.perf_counter()
-            call()
-            best[name] = min(best.get(name, float("inf")), time.perf_counter() - t0)
-    return min(best, key=best.get)
+            chooser.record(way, elapsed / max(1, batch))
+    with _lock:
+        _choice[(name, x.shape[-1])] = chooser.current
+    return out
 
 
 def _one(fn: Callable[[Tensor], tuple[Tensor, Tensor]], x: Tensor) -> tuple[Tensor, Tensor]:

@@ -1,5 +1,6 @@
-"""The CPU LAPACK wrappers give torch.linalg's bits whatever way they run, and the refresh's
-blocked triangular product equals the plain one."""
+"""The CPU LAPACK wrappers give torch.linalg's bits whatever way they run, their choice of way
+follows the latest timings (a busy period does not lock one in), and the refresh's blocked
+triangular product equals the plain one."""
 
 from __future__ import annotations
 
@@ -57,6 +58,7 @@ def test_single_matrix_choice_does_not_decide_for_batches(monkeypatch):
     # The reference backend factors one matrix at a time; its calls must not pin the way the
     # batched engine's calls run (a single matrix has no "split" candidate).
     monkeypatch.setattr(lapack, "_choice", {})
+    monkeypatch.setattr(lapack, "_choosers", {})
     monkeypatch.delenv("SOAP_LAPACK_THREADS", raising=False)
     with lapack._threads(2):
         lapack.qr(spd_batch(1, 40)[0])
@@ -64,3 +66,129 @@ def test_single_matrix_choice_does_not_decide_for_batches(monkeypatch):
     choices = lapack.thread_choice()
     assert ("qr-single", 40) in choices and ("qr", 40) in choices
     assert choices[("qr-single", 40)] == "1"
+
+
+# ---------------------------------------------------------------- the choice follows the timings
+class FakeTimings:
+    """``lapack._clock`` and ``lapack._execute`` replaced: each call really runs (so its bits are
+    checked) and the clock advances by ``cost[way]`` seconds per matrix, as the test sets them."""
+
+    def __init__(self, monkeypatch, cost):
+        self.now = 0.0
+        self.cost = dict(cost)
+        self.ran: list[str] = []
+        real = lapack._execute
+
+        def execute(way, fn, x, full, batch):
+            out = real(way, fn, x, full, batch)
+            self.ran.append(way)
+            self.now += self.cost[way] * batch
+            return out
+
+        monkeypatch.setattr(lapack, "_clock", lambda: self.now)
+        monkeypatch.setattr(lapack, "_execute", execute)
+        monkeypatch.setattr(lapack, "_choosers", {})
+        monkeypatch.setattr(lapack, "_choice", {})
+        monkeypatch.delenv("SOAP_LAPACK_THREADS", raising=False)
+        monkeypatch.delenv("SOAP_LAPACK_MULTITHREAD", raising=False)
+
+
+def _calls(timings, n, x, want):
+    """``n`` calls of lapack.qr on ``x`` at two threads; every result has the one-thread bits.
+    Returns the way chosen after each call."""
+    chosen = []
+    with lapack._threads(2):
+        for _ in range(n):
+            q, r = lapack.qr(x)
+            assert torch.equal(q, want[0]) and torch.equal(r, want[1])
+            chosen.append(lapack.thread_choice()[("qr", x.shape[-1])])
+    return chosen
+
+
+@pytest.fixture
+def batch():
+    x = spd_batch(4, 24, seed=3)
+    return x, lapack._one(lapack._householder_qr, x)
+
+
+def test_a_busy_first_measurement_does_not_lock_in_a_choice(monkeypatch, batch):
+    x, want = batch
+    # The first measurements happen while another process is busy: the split looks slow.
+    t = FakeTimings(monkeypatch, {"1": 1.0, "split": 3.0})
+    assert _calls(t, 3, x, want)[-1] == "1"
+    # The machine goes quiet and the split is now the faster way: the choice moves to it within
+    # one probe interval, however long "1" had been chosen before.
+    _calls(t, 200, x, want)
+    t.cost["split"] = 0.5
+    chosen = _calls(t, lapack.MAX_PROBE_INTERVAL + 2, x, want)
+    assert chosen[-1] == "split"
+
+
+def test_a_busy_period_moves_the_choice_away_and_back(monkeypatch, batch):
+    x, want = batch
+    t = FakeTimings(monkeypatch, {"1": 1.0, "split": 0.6})
+    assert _calls(t, 10, x, want)[-1] == "split"
+    # A busy period that makes the split slower than one thread: the choice leaves it at once
+    # (the split's time jumped, so "1" is probed on the next call).
+    t.cost["split"] = 3.0
+    chosen = _calls(t, 3, x, want)
+    assert chosen[1:] == ["1", "1"]
+    during = _calls(t, 50, x, want)
+    assert during.count("1") == len(during)
+    # While it lasts, the slow way is only tried now and then (backing off), not every call.
+    assert t.ran[-50:].count("split") <= 50 // lapack.MIN_PROBE_INTERVAL // 2
+    # The busy period ends: back to the split.
+    t.cost["split"] = 0.6
+    assert _calls(t, lapack.MAX_PROBE_INTERVAL + 2, x, want)[-1] == "split"
+
+
+def test_the_chosen_way_never_stays_slower_than_one_thread(monkeypatch, batch):
+    # Whatever the load does, the calls run the slower way only on probes: for every stretch of
+    # constant costs, after the first two calls the chosen way is the faster one.
+    x, want = batch
+    t = FakeTimings(monkeypatch, {"1": 1.0, "split": 0.7})
+    for split_cost in (0.7, 2.5, 0.4, 1.6, 0.9, 5.0, 0.5):
+        t.cost["split"] = split_cost
+        chosen = _calls(t, 40, x, want)
+        faster = "split" if split_cost < 1.0 else "1"
+        assert chosen[-1] == faster
+        assert chosen[lapack.MAX_PROBE_INTERVAL + 2:].count(faster) == len(chosen) - lapack.MAX_PROBE_INTERVAL - 2
+
+
+def test_one_slow_call_does_not_move_the_choice_for_long(monkeypatch, batch):
+    x, want = batch
+    t = FakeTimings(monkeypatch, {"1": 1.0, "split": 0.6})
+    _calls(t, 10, x, want)
+    t.cost["split"] = 4.0  # one call during a spike
+    _calls(t, 1, x, want)
+    t.cost["split"] = 0.6
+    assert _calls(t, 4, x, want)[-1] == "split"
+
+
+def test_probes_back_off_while_the_choice_holds():
+    c = lapack._Chooser(("1", "split"))
+    cost = {"1": 1.0, "split": 0.5}
+    ran = []
+    for _ in range(400):
+        way = c.pick()
+        ran.append(way)
+        c.record(way, cost[way])
+    assert c.current == "split"
+    assert c.interval == lapack.MAX_PROBE_INTERVAL
+    assert ran[-200:].count("1") <= 200 // lapack.MAX_PROBE_INTERVAL + 1
+    assert c.stats()["switches"] == 1  # "1" ran first, then the split won once and kept winning
+
+
+def test_one_candidate_is_not_timed(monkeypatch):
+    # A single matrix has one way (one thread): it runs without a clock.
+    def no_clock():
+        raise AssertionError("a call with one candidate must not be timed")
+
+    monkeypatch.setattr(lapack, "_clock", no_clock)
+    monkeypatch.setattr(lapack, "_choosers", {})
+    monkeypatch.delenv("SOAP_LAPACK_THREADS", raising=False)
+    monkeypatch.delenv("SOAP_LAPACK_MULTITHREAD", raising=False)
+    with lapack._threads(2):
+        lapack.qr(spd_batch(1, 20)[0])
+    assert lapack.thread_choice()[("qr-single", 20)] == "1"
+    assert any(s["op"] == "qr-single" and s["way"] == "1" for s in lapack.choice_stats())
