@@ -99,7 +99,7 @@ def _worker(rank: int, world: int, port: int, args: argparse.Namespace, out: str
                 "collectives_per_step": statistics.fmean(collectives),
                 "load_flops": plan["load_flops"],
                 "owned_parameters": sum(1 for o in plan["owners"] if o == rank),
-                "owned_buckets": len(opt._engine.buckets),
+                "owned_buckets": len(opt.buckets_info()),
             })
         result[name] = entry
     torch.save(result, Path(out) / f"rank{rank}.pt")

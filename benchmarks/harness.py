@@ -186,13 +186,28 @@ def native_status() -> tuple[bool, str]:
     return True, "loaded"
 
 
+def backend_available(name: str) -> tuple[bool, str]:
+    """``soap_kernels``' own answer to whether backend ``name`` can run here (public in
+    ``soap_kernels.select`` after the redesign of issue 13, in ``soap_kernels.ops`` before)."""
+    import importlib
+
+    for module in ("soap_kernels.select", "soap_kernels.ops"):
+        try:
+            fn = getattr(importlib.import_module(module), "backend_available", None)
+        except ImportError:
+            continue
+        if fn is not None:
+            return fn(name)
+    return False, "soap_kernels has no backend_available()"
+
+
 def soap_backends(device: torch.device, wanted: Sequence[str] | None = None) -> tuple[list[str], dict[str, str]]:
     """The SOAP backends that can run on ``device`` (in :data:`SOAP_BACKENDS` order) and why the
     others cannot. Triton counts only on CUDA: its CPU interpreter is for tests, its timings mean
     nothing."""
     run, skipped = [], {}
     for name in wanted or SOAP_BACKENDS:
-        ok, why = ops.backend_available(name)
+        ok, why = backend_available(name)
         if ok and name == "triton" and device.type != "cuda":
             ok, why = False, "the Triton interpreter on CPU is for tests; its timings mean nothing"
         if ok:

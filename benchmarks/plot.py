@@ -6,7 +6,8 @@
 
 Whole-step files (``"benchmark": "step"``, several may be combined in one figure): the amortized
 step per optimizer, grouped by parameter set (log scale; whiskers = p20..p80 of the single steps),
-and the ratio to ``torch.optim.AdamW(fused=True)`` measured in the same run. Op files: one panel
+the ratio to ``torch.optim.AdamW(fused=True)`` measured in the same run, and the optimizer's bytes
+per parameter (persistent state + workspace kept between steps; peers included). Op files: one panel
 per op, the median time of each backend per case (whiskers p20..p80).
 """
 
@@ -91,7 +92,10 @@ def plot_step(payloads: Sequence[dict], path: Path) -> Path:
             if s not in series:
                 series.append(s)
             table[(g, s)] = r
-    fig, (ax_t, ax_r) = plt.subplots(1, 2, figsize=(max(10, 2.2 * len(groups) + 0.5 * len(series)), 4.8))
+    has_memory = any("state_bytes_per_param" in r for r in table.values())
+    panels = 3 if has_memory else 2
+    fig, axes = plt.subplots(1, panels, figsize=(max(10, 2.2 * len(groups) + 0.5 * len(series)) * panels / 2, 4.8))
+    ax_t, ax_r = axes[0], axes[1]
 
     def value(g, s):
         r = table.get((g, s))
@@ -116,6 +120,16 @@ def plot_step(payloads: Sequence[dict], path: Path) -> Path:
     ax_r.axhline(1.0, color="k", lw=0.8)
     ax_r.set_ylabel("× AdamW(fused=True), same run")
     ax_r.set_title("ratio to AdamW (lower is better)")
+    if has_memory:
+        def memory(g, s):
+            r = table.get((g, s))
+            if not r or r.get("state_bytes_per_param") is None:
+                return None
+            return r["state_bytes_per_param"] + (r.get("workspace_bytes_per_param") or 0.0)
+
+        _bars(axes[2], groups, series, memory, log=False)
+        axes[2].set_ylabel("optimizer bytes per parameter (state + workspace)")
+        axes[2].set_title("memory")
     fig.suptitle(_title(payloads[0]) if len(payloads) == 1 else f"{len(payloads)} runs; first: {_title(payloads[0])}", fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=110)

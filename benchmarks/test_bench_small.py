@@ -137,3 +137,77 @@ def test_adam_foreach(run):
     inputs = bench_adam.Inputs(plain, DEVICE, 0)
     with torch.no_grad():
         run(lambda: bench_adam.foreach_adam(inputs))
+
+
+# ---------------------------------------------------------------- suite plumbing (untimed)
+def _tiny_step_args(tmp_path, *extra):
+    return ["--shapes", "2*16x8,12x8,8", "--cycles", "2", "--frequency", "2", "--out-dir", str(tmp_path),
+            "--no-plot", *extra]
+
+
+class _FakePeers:
+    """The API of python/lm/peers.py, building plain optimizers (the suite's plumbing is checked,
+    not the peers)."""
+
+    PEERS = ("heavyball_soap", "pytorch_optimizer_soap", "upstream_soap")
+
+    def __init__(self):
+        self.made = {}
+
+    def peer_available(self, name, upstream_path=None):
+        if name == "upstream_soap" and not upstream_path:
+            return False, "no path"
+        return (name != "pytorch_optimizer_soap", "pytorch_optimizer is not installed")
+
+    def make_peer(self, name, params, *, lr, **hyper):
+        self.made[name] = hyper
+        return torch.optim.AdamW(params, lr=lr, betas=hyper["betas"], eps=hyper["eps"],
+                                 weight_decay=hyper["weight_decay"])
+
+    def state_bytes(self, opt):
+        return sum(t.numel() * t.element_size() for s in opt.state.values() for t in s.values()
+                   if isinstance(t, torch.Tensor))
+
+
+def test_bench_step_peers_interleaved(tmp_path, monkeypatch):
+    import bench_step
+
+    fake = _FakePeers()
+    monkeypatch.setattr(bench_step, "load_peers", lambda: (fake, ""))
+    payload = bench_step.main(_tiny_step_args(tmp_path, "--peers", "--optimizers", "adamw,torch"))[0]
+    rows = {r["optimizer"]: r for r in payload["results"]}
+    assert set(rows) == {"adamw", "torch", "heavyball_soap"}
+    assert "pytorch_optimizer" in payload["skipped"]["pytorch_optimizer_soap"]
+    assert "pip install --no-deps heavyball==3.2.1 pytorch-optimizer==4.1.0" in payload["skipped"]["pytorch_optimizer_soap"]
+    assert "upstream_soap" in payload["skipped"]
+    # the same hyperparameters as our rows
+    assert fake.made["heavyball_soap"]["precondition_frequency"] == 2
+    assert fake.made["heavyball_soap"]["merge_dims"] is False
+    assert payload["order"] == "interleaved"
+    for r in rows.values():
+        assert r["steps_timed"] == 4 and r["state_bytes_per_param"] > 0
+    assert rows["torch"]["x_fastest_peer"] is not None and rows["heavyball_soap"]["x_fastest_peer"] == 1.0
+    assert rows["torch"]["workspace_bytes"] >= 0 and rows["adamw"]["workspace_bytes"] == 0
+
+
+def test_bench_step_without_peers_module(tmp_path, monkeypatch):
+    import bench_step
+
+    monkeypatch.setattr(bench_step, "load_peers", lambda: (None, "python/lm/peers.py is not importable (x)"))
+    payload = bench_step.main(_tiny_step_args(tmp_path, "--peers", "--optimizers", "adamw,reference",
+                                              "--order", "sequential"))[0]
+    assert [r["optimizer"] for r in payload["results"]] == ["adamw", "reference"]
+    assert set(payload["skipped"]) == set(bench_step.PEERS)
+    ref = payload["results"][1]
+    assert ref["state_bytes"] > 0 and ref["workspace_bytes"] == 0
+
+
+def test_bench_load_tiny(tmp_path):
+    import bench_load
+
+    payload = bench_load.main(["--shapes", "2*12x8,8", "--rounds", "2", "--frequency", "2", "--busy-procs", "1",
+                               "--optimizers", "torch,reference", "--out-dir", str(tmp_path), "--no-plot"])
+    cases = {(r["case"], r["backend"]) for r in payload["results"]}
+    assert cases == {(c, n) for c in ("quiet", "busy") for n in ("torch", "reference")}
+    assert all(r["reps"] == 2 for r in payload["results"])
+    assert (tmp_path / "load_custom_cpu.json").exists()
