@@ -18,6 +18,8 @@ Schedules (``--schedules``; intervals scale with the run length ``N`` = ``--step
     loss_threshold     LossThreshold(0.3)                  (study: 0.3; --loss-threshold)
     drift_adaptive     DriftAdaptive(0.2, max_every=100)   (--drift-threshold)
     budgeted           Budgeted(ceil(factors/10), max_every=20): every factor about every 10 steps
+    staggered          Staggered(10): every factor every 10 steps, phases spread by refresh cost
+    staggered_params   Staggered(10, blocks=factors per parameter): the same, a parameter's factors together
 
 For each (task, schedule, seed): the training loss of every step, the cumulative training time
 (data, forward, backward, optimizer step; evaluations excluded) as wall-clock and as process CPU
@@ -75,6 +77,7 @@ from soap_kernels.schedules import (  # noqa: E402
     IntervalDoubling,
     LossThreshold,
     RefreshSchedule,
+    Staggered,
 )
 
 SCHEDULES = (
@@ -88,6 +91,8 @@ SCHEDULES = (
     "loss_threshold",
     "drift_adaptive",
     "budgeted",
+    "staggered",
+    "staggered_params",
 )
 DEFAULT_SEEDS = {"cnn": [0, 1, 2], "lm": [0]}
 QUICK = {
@@ -106,17 +111,26 @@ def slot_length(steps: int) -> int:
     return max(2, 1 << round(math.log2(max(2.0, steps / 5))))
 
 
-def count_factors(param_groups: list[dict]) -> int:
-    """Eigenbasis factors SOAP keeps with its default layout options (one per preconditioned dim)."""
-    total = 0
+def factor_blocks(param_groups: list[dict]) -> list[int]:
+    """Factors of each parameter that has any, in SOAP's canonical (group, parameter) order, with its
+    default layout options (one factor per preconditioned dim): ``Staggered``'s ``blocks``."""
+    blocks = []
     for group in param_groups:
         for p in group["params"]:
             layout = make_layout(p.shape, max_precond_dim=10000, merge_dims=False, precondition_1d=False, channels_last=False)
-            total += sum(layout.preconditioned)
-    return total
+            if any(layout.preconditioned):
+                blocks.append(sum(layout.preconditioned))
+    return blocks
 
 
-def make_schedule(name: str, steps: int, factors: int, args: argparse.Namespace) -> RefreshSchedule:
+def count_factors(param_groups: list[dict]) -> int:
+    """Eigenbasis factors SOAP keeps with its default layout options (one per preconditioned dim)."""
+    return sum(factor_blocks(param_groups))
+
+
+def make_schedule(
+    name: str, steps: int, factors: int, args: argparse.Namespace, blocks: list[int] | None = None
+) -> RefreshSchedule:
     s = slot_length(steps)
     if name.startswith("const"):
         return Constant(int(name[len("const") :]))
@@ -132,6 +146,12 @@ def make_schedule(name: str, steps: int, factors: int, args: argparse.Namespace)
         return DriftAdaptive(args.drift_threshold, min_every=1, max_every=100)
     if name == "budgeted":
         return Budgeted(max(1, math.ceil(factors / 10)), max_every=20)
+    if name == "staggered":
+        return Staggered(10)
+    if name == "staggered_params":
+        if blocks is None:
+            raise ValueError("staggered_params needs the factors per parameter (blocks)")
+        return Staggered(10, blocks=blocks)
     raise ValueError(f"unknown schedule {name!r}; choose from {', '.join(SCHEDULES)}")
 
 
@@ -139,7 +159,7 @@ def make_optimizer(name: str, param_groups: list[dict], steps: int, args: argpar
     betas = (0.95, 0.95)  # SOAP's defaults, used by every optimizer (as train_lm.py does)
     if name == "adam":
         return torch.optim.AdamW(param_groups, lr=lr, betas=betas, eps=1e-8), None
-    schedule = make_schedule(name, steps, count_factors(param_groups), args)
+    schedule = make_schedule(name, steps, count_factors(param_groups), args, factor_blocks(param_groups))
     return SOAP(param_groups, lr=lr, betas=betas, eps=1e-8, backend=args.backend, schedule=schedule), schedule
 
 

@@ -263,7 +263,7 @@ def check_claims(summary: dict, metric: str = "final_loss") -> list[dict]:
             "held" if t["adam"] < t["doubling"] else "not held",
             f"train CPU time adam {t['adam']:.1f} s, doubling {t['doubling']:.1f} s (ratio {t['doubling'] / t['adam']:.2f})",
         )
-    for s in ("drift_adaptive", "budgeted"):
+    for s in ("drift_adaptive", "budgeted", "staggered", "staggered_params"):
         if have("const10", s):
             c = cmp(s, "const10")
             add(

@@ -15,8 +15,9 @@ Protocol (what the optimizer relies on):
   factor (per-factor schedules). ``loss`` is a float, given when ``needs_loss``. ``drift`` and
   ``cost`` are 1-D float64 CPU tensors with one entry per eigenbasis factor, in an order that is
   fixed for the optimizer's lifetime (factors may only be appended, e.g. by ``add_param_group``),
-  given when ``needs_drift``: ``drift`` is the rotated-frame off-diagonal drift
-  ``||B - diag B||_F / ||B||_F`` of each factor, ``cost`` its refresh cost in FLOPs.
+  given when ``needs_drift`` (``cost`` also when ``needs_cost``): ``drift`` is the rotated-frame
+  off-diagonal drift ``||B - diag B||_F / ||B||_F`` of each factor, ``cost`` its refresh cost in
+  FLOPs (``ops.FLOPS.refresh`` of that factor alone).
 * ``state_dict()`` / ``load_state_dict(state)``: plain Python values (ints, floats, strings, lists),
   saved with the optimizer. The dict holds the hyperparameters and the progress, and loading
   restores both (as ``torch.optim.lr_scheduler`` does), so a resumed run continues the same
@@ -37,6 +38,9 @@ refresh interval and ``last`` the step of the last refresh, 0 at the start):
   (at most every ``min_every`` steps), or ``max_every`` steps without a refresh.
 * ``Budgeted(budget, max_every=100, by="count")``: per factor, a per-step budget (factors or FLOPs)
   spent on the most-drifted factors; factors ``max_every`` steps stale are forced.
+* ``Staggered(every=10)``: per factor, ``t % every == phase[k]``: every factor refreshes once every
+  ``every`` updates, as under ``Constant(every)``, with the phases spread by refresh cost so that
+  each step carries about ``1/every`` of the refresh work (a flat step instead of a spike).
 
 ``Doubling`` and ``Halving`` test ``t - last >= f`` where the study writes ``==``: with consecutive
 ``t`` (what the optimizer feeds) the two are the same, and ``>=`` does not stall for good if a step
@@ -61,6 +65,7 @@ __all__ = [
     "LossThreshold",
     "DriftAdaptive",
     "Budgeted",
+    "Staggered",
 ]
 
 
@@ -541,3 +546,130 @@ class Budgeted(_PerFactor):
             "by": self.by,
             "min_drift": self.min_drift,
         }
+
+
+class Staggered(_Schedule):
+    """Per factor: ``Constant(every)``'s refresh rate with the refreshes spread over the steps.
+
+    Factor ``k`` refreshes at step ``t`` when ``t % every == phase[k]``, so each factor refreshes
+    exactly once in every window of ``every`` consecutive updates (every ``every`` updates, as
+    ``Constant(every)`` and the reference's ``precondition_frequency`` do), but the factors do not
+    all refresh at the same step. The phases balance the refresh cost: each step refreshes about
+    ``1/every`` of the total refresh FLOPs instead of all of it every ``every``-th step, which
+    flattens the step time. Opt-in; ``Constant(every)`` stays the reference's behaviour.
+
+    **Phases.** At the first call, from the ``cost`` vector the optimizer passes (``needs_cost``):
+    the blocks (see ``blocks``; by default every factor is its own block) are taken in order of
+    decreasing cost (ties: lower first factor index first) and each goes to the phase ``0..every-1``
+    with the least cost so far (ties: the lower phase). This greedy list scheduling bounds the most
+    loaded phase by ``total / every + the largest block's cost``. The phases depend only on the cost
+    vector, so every rank of a distributed run computes the same ones; they are saved in
+    ``state_dict()``, so a resumed run keeps them. Later changes of the cost values do not move
+    them (the costs come from the shapes and do not change).
+
+    **First refresh.** Phase 0 is ``t = every, 2*every, ...`` (the reference's steps); phase
+    ``p > 0`` refreshes first at step ``p``, i.e. earlier than under ``Constant(every)``. So no
+    factor ever goes more than ``every`` updates without a refresh (counting the initialising step
+    as the refresh at step 0), and the per-step refresh work is flat from the first window on.
+
+    **Factor count changes.** Fewer factors than before raises (the factor order is fixed for the
+    optimizer's lifetime). Appended factors (``add_param_group``) keep every existing phase and are
+    placed, each as its own block, by the same greedy rule onto the phase loads of the existing
+    factors; so the bound above still holds.
+
+    ``blocks``: ``None`` (per factor: the finest balance; a parameter's factors may refresh at
+    different steps, which the refresh math allows: factor ``i``'s new basis depends only on its
+    own statistics and basis, and re-expressing the moments along dim ``i`` commutes with the other
+    dims) or a list of positive ints, the sizes of consecutive runs of factors in the canonical
+    (group, parameter, dim) order that share one phase; e.g. the factor count of each parameter,
+    ``[sum(opt.layout_of(p, g).preconditioned) for g in opt.param_groups for p in g["params"]
+    if any(opt.layout_of(p, g).preconditioned)]``, keeps each parameter's factors together as the
+    reference does. ``sum(blocks)`` may not exceed the factor count at the first call (a check that
+    the blocks describe this optimizer); factors beyond it, appended ones included, are single
+    blocks. Returns a ``torch.bool`` mask with one entry per factor.
+    """
+
+    needs_cost = True
+
+    def __init__(self, every: int = 10, blocks: list[int] | None = None) -> None:
+        self.every = _check_int("Staggered", "every", every, 1)
+        if blocks is not None:
+            if isinstance(blocks, (str, bytes)) or not hasattr(blocks, "__iter__"):
+                raise ValueError(f"Staggered(blocks=...) must be None or a list of integers >= 1, got {blocks!r}")
+            blocks = [_check_int("Staggered", "blocks", b, 1) for b in blocks]
+        self.blocks = blocks
+        self._phase: list[int] | None = None  # one phase per factor, None before the first call
+
+    @property
+    def phases(self) -> list[int] | None:
+        """Each factor's phase (``t % every`` of its refresh steps); None before the first call."""
+        return None if self._phase is None else list(self._phase)
+
+    def _units(self, factors: int) -> list[list[int]]:
+        """The blocks as lists of factor indices, then single factors up to ``factors``."""
+        units, start = [], 0
+        for size in self.blocks or ():
+            units.append(list(range(start, start + size)))
+            start += size
+        units.extend([k] for k in range(start, factors))
+        return units
+
+    def _assign(self, costs: list[float]) -> None:
+        factors = len(costs)
+        phase = list(self._phase or [])
+        known = len(phase)
+        load = [0.0] * self.every
+        for k in range(known):
+            load[phase[k]] += costs[k]
+        phase.extend([-1] * (factors - known))
+        # Blocks lie within the factors of the first call (checked there), so a unit is either
+        # placed already or wholly new.
+        pending = [(sum(costs[k] for k in unit), unit) for unit in self._units(factors) if unit[0] >= known]
+        for cost, unit in sorted(pending, key=lambda item: (-item[0], item[1][0])):
+            p = min(range(self.every), key=lambda j: (load[j], j))
+            load[p] += cost
+            for k in unit:
+                phase[k] = p
+        self._phase = phase
+
+    def decide(self, t: int, *, loss=None, drift=None, cost: torch.Tensor | None = None) -> torch.Tensor:
+        t = _check_step(t)
+        if cost is None:
+            raise ValueError(
+                "Staggered needs `cost` (each factor's refresh FLOPs); the optimizer passes it when "
+                "schedule.needs_cost is True"
+            )
+        cost = _as_factor_vector("cost", cost, "Staggered")
+        if not bool(torch.isfinite(cost).all()) or bool((cost < 0).any()):
+            raise ValueError("Staggered: cost must be finite and >= 0 FLOPs per factor")
+        factors = cost.numel()
+        known = 0 if self._phase is None else len(self._phase)
+        if factors < known:
+            raise ValueError(
+                f"Staggered was tracking {known} factors and now got {factors}; the factor order is fixed "
+                "for the optimizer's lifetime (factors may only be appended)"
+            )
+        if self._phase is None and self.blocks is not None and sum(self.blocks) > factors:
+            raise ValueError(
+                f"Staggered(blocks=...) covers {sum(self.blocks)} factors, the optimizer has {factors}"
+            )
+        if factors > known or self._phase is None:
+            self._assign(cost.tolist())
+        assert self._phase is not None
+        return torch.tensor(self._phase, dtype=torch.int64) == t % self.every
+
+    def _config(self) -> dict[str, Any]:
+        return {"every": self.every, "blocks": None if self.blocks is None else list(self.blocks)}
+
+    def _progress(self) -> dict[str, Any]:
+        return {"phases": self.phases}
+
+    def _load_progress(self, progress: dict[str, Any]) -> None:
+        phases = progress["phases"]
+        if phases is None:
+            self._phase = None
+            return
+        phases = [_check_int("Staggered.load_state_dict", "phases", p, 0) for p in phases]
+        if any(p >= self.every for p in phases):
+            raise ValueError(f"Staggered.load_state_dict: phases must be < every={self.every}")
+        self._phase = phases

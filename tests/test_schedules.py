@@ -18,6 +18,7 @@ from soap_kernels.schedules import (
     IntervalDoubling,
     LossThreshold,
     RefreshSchedule,
+    Staggered,
 )
 
 
@@ -400,6 +401,10 @@ BAD_ARGUMENTS = [
     (Budgeted, (1,), {"by": "bytes"}),
     (Budgeted, (1,), {"max_every": 0}),
     (Budgeted, (1,), {"min_drift": -1.0}),
+    (Staggered, (0,), {}),
+    (Staggered, (2.0,), {}),
+    (Staggered, (4,), {"blocks": [2, 0]}),
+    (Staggered, (4,), {"blocks": 3}),
 ]
 
 
@@ -430,6 +435,8 @@ REPRS = [
     (LossThreshold(0.3), "LossThreshold(threshold=0.3)"),
     (DriftAdaptive(0.1), "DriftAdaptive(threshold=0.1, min_every=1, max_every=100)"),
     (Budgeted(4), "Budgeted(budget=4, max_every=100, by='count', min_drift=0.0)"),
+    (Staggered(), "Staggered(every=10, blocks=None)"),
+    (Staggered(4, blocks=[2, 1]), "Staggered(every=4, blocks=[2, 1])"),
 ]
 
 
@@ -445,7 +452,246 @@ def test_all_schedules_are_exported():
     import soap_kernels
     import soap_kernels.schedules as schedules
 
-    names = "RefreshSchedule Constant Doubling Halving IntervalDoubling LossThreshold DriftAdaptive Budgeted"
+    names = "RefreshSchedule Constant Doubling Halving IntervalDoubling LossThreshold DriftAdaptive Budgeted Staggered"
     for name in names.split():
         assert name in schedules.__all__
         assert getattr(soap_kernels, name) is getattr(schedules, name)
+
+
+# --- staggered ------------------------------------------------------------------------------------
+
+
+def staggered_masks(schedule: Staggered, cost: torch.Tensor, steps: range) -> dict[int, list[int]]:
+    """Factor -> the steps at which it refreshed."""
+    fired: dict[int, list[int]] = {k: [] for k in range(cost.numel())}
+    for t in steps:
+        mask = schedule.decide(t, cost=cost)
+        assert mask.dtype == torch.bool and mask.shape == cost.shape
+        for k in mask.nonzero().flatten().tolist():
+            fired[k].append(t)
+    return fired
+
+
+def test_staggered_pinned_phases_and_steps():
+    schedule = Staggered(3)
+    assert schedule.needs_cost and not schedule.needs_drift and not schedule.needs_loss
+    assert schedule.phases is None
+    cost = drift(5.0, 1.0, 4.0, 3.0, 2.0)
+    # Largest first onto the least loaded phase: 5 -> 0, 4 -> 1, 3 -> 2, 2 -> 2 (3 < 4 < 5), 1 -> 1.
+    fired = staggered_masks(schedule, cost, range(1, 10))
+    assert schedule.phases == [0, 1, 1, 2, 2]
+    assert fired == {0: [3, 6, 9], 1: [1, 4, 7], 2: [1, 4, 7], 3: [2, 5, 8], 4: [2, 5, 8]}
+    # Ties (equal costs, equal loads) go by factor index and phase index.
+    equal = Staggered(2)
+    equal.decide(1, cost=drift(1.0, 1.0, 1.0, 1.0))
+    assert equal.phases == [0, 1, 0, 1]
+    # every=1 is Constant(1); one phase only.
+    assert Staggered(1).decide(1, cost=cost).all()
+
+
+def test_staggered_blocks_share_a_phase():
+    cost = drift(5.0, 1.0, 4.0, 3.0, 2.0)
+    schedule = Staggered(3, blocks=[2, 2, 1])
+    schedule.decide(1, cost=cost)
+    # Blocks {0, 1} = 6, {2, 3} = 7, {4} = 2: 7 -> 0, 6 -> 1, 2 -> 2.
+    assert schedule.phases == [1, 1, 0, 0, 2]
+    # Factors beyond the blocks are single blocks.
+    partial = Staggered(3, blocks=[2])
+    partial.decide(1, cost=cost)
+    assert partial.phases == [0, 0, 1, 2, 2]  # {0,1}=6 -> 0, 4 -> 1, 3 -> 2, 2 -> 2
+    with pytest.raises(ValueError, match="covers 6 factors"):
+        Staggered(3, blocks=[3, 3]).decide(1, cost=cost)
+
+
+@pytest.mark.parametrize("every", [1, 3, 10])
+@pytest.mark.parametrize("blocks", [None, "pairs"])
+def test_staggered_balance_and_once_per_window(every, blocks):
+    generator = torch.Generator().manual_seed(every)
+    cost = (torch.rand(37, generator=generator, dtype=torch.float64) * 100) ** 2
+    schedule = Staggered(every, blocks=[2] * 18 if blocks else None)
+    fired = staggered_masks(schedule, cost, range(1, 5 * every + 1))
+    largest = max(cost.tolist()) if blocks is None else max(float(cost[k : k + 2].sum()) for k in range(0, 37, 2))
+    bound = largest + float(cost.sum()) / every
+    for t in range(1, 5 * every + 1):
+        mask = schedule.decide(t, cost=cost)
+        assert float(cost[mask].sum()) <= bound * (1 + 1e-12)
+    for steps in fired.values():
+        # Exactly once in every window of `every` consecutive steps: equally spaced, first by `every`.
+        assert len(steps) == 5
+        assert steps[0] <= every and all(b - a == every for a, b in zip(steps, steps[1:]))
+    if blocks:
+        for k in range(0, 36, 2):
+            assert fired[k] == fired[k + 1]
+
+
+def test_staggered_flattens_the_bench_set():
+    """The bench set's factors (issue 14: a d256, 6-layer GPT, vocab 16384), f = 10, by the cost
+    model: the heaviest step carries 1.26x the average refresh work (Constant(10): 10x)."""
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+    import harness
+    from bench_schedules import factor_costs
+
+    cost = torch.tensor([c for _, c in factor_costs(harness.gpt_shapes(*harness.PRESETS["cpu"]))], dtype=torch.float64)
+    schedule = Staggered(10)
+    per_step = [float(cost[schedule.decide(t, cost=cost)].sum()) for t in range(1, 11)]
+    assert sum(per_step) == pytest.approx(float(cost.sum()))
+    assert max(per_step) <= float(cost.max()) + float(cost.sum()) / 10
+    assert max(per_step) / (float(cost.sum()) / 10) < 1.3
+
+
+def test_staggered_appended_factors_keep_existing_phases():
+    schedule = Staggered(3)
+    schedule.decide(1, cost=drift(5.0, 4.0, 3.0))
+    assert schedule.phases == [0, 1, 2]
+    # Appended factors go onto the existing loads (5, 4, 3): 3 -> phase 2, 1 -> phase 1.
+    mask = schedule.decide(2, cost=drift(5.0, 4.0, 3.0, 1.0, 3.0))
+    assert schedule.phases == [0, 1, 2, 1, 2]
+    assert mask.tolist() == [False, False, True, False, True]
+    with pytest.raises(ValueError, match="fixed for the optimizer's lifetime"):
+        schedule.decide(3, cost=drift(5.0, 4.0))
+    # With blocks: the appended factors are single blocks on the existing loads (6, 4, 0).
+    blocks = Staggered(3, blocks=[2, 1])
+    blocks.decide(1, cost=drift(5.0, 1.0, 4.0))
+    assert blocks.phases == [0, 0, 1]
+    blocks.decide(2, cost=drift(5.0, 1.0, 4.0, 9.0, 2.0))
+    assert blocks.phases == [0, 0, 1, 2, 1]  # 9 -> 2 (load 0), 2 -> 1 (load 4)
+
+
+def test_staggered_rejects_bad_cost():
+    with pytest.raises(ValueError, match="needs `cost`.*needs_cost"):
+        Staggered(3).decide(1)
+    with pytest.raises(ValueError, match="finite and >= 0"):
+        Staggered(3).decide(1, cost=drift(1.0, math.nan))
+    with pytest.raises(ValueError, match="1-D"):
+        Staggered(3).decide(1, cost=torch.ones(2, 2, dtype=torch.float64))
+
+
+@pytest.mark.parametrize("split", [0, 1, 7, 12])
+@pytest.mark.parametrize("blocks", [None, [2, 1, 3]])
+def test_staggered_resume(split, blocks):
+    cost = drift(100.0, 100.0, 50.0, 200.0, 10.0, 80.0)
+    reference = Staggered(4, blocks)
+    expected = [reference.decide(t, cost=cost).tolist() for t in range(1, 30)]
+    first = Staggered(4, blocks)
+    got = [first.decide(t, cost=cost).tolist() for t in range(1, split + 1)]
+    state = first.state_dict()
+    assert_plain(state)
+    assert state["phases"] == (None if split == 0 else reference.phases)
+    resumed = Staggered(9)
+    resumed.load_state_dict(torch_round_trip(state))
+    assert resumed.every == 4 and resumed.blocks == blocks
+    # Resumed with other cost values: the saved phases stay (they are not recomputed).
+    later = cost if split == 0 else cost.flip(0)
+    got += [resumed.decide(t, cost=later).tolist() for t in range(split + 1, 30)]
+    assert got == expected
+    with pytest.raises(ValueError, match="phases must be < every"):
+        Staggered(4).load_state_dict({"schedule": "Staggered", "every": 4, "blocks": None, "phases": [0, 4]})
+
+
+# --- staggered with the optimizer -----------------------------------------------------------------
+
+STAGGER_SHAPES = [(12, 8), (12, 8), (8,), (6, 5, 4), (20, 3), (5, 4)]
+
+
+def _run_soap(backend: str, schedule, steps: int, shapes=STAGGER_SHAPES, cls=None, **kwargs):
+    from conftest import apply_grads, grad_stream, make_params
+
+    from soap_kernels import SOAP
+
+    params = make_params(shapes)
+    opt = (cls or SOAP)(params, lr=1e-2, weight_decay=0.01, max_precond_dim=16, backend=backend, schedule=schedule, **kwargs)
+    for grads in grad_stream(shapes, steps):
+        apply_grads(params, grads)
+        opt.step()
+    return opt, params
+
+
+class _Recording(Staggered):
+    """Staggered that keeps what the optimizer passed."""
+
+    def decide(self, t, *, loss=None, drift=None, cost=None):
+        self.seen = (t, cost.clone())
+        mask = super().decide(t, loss=loss, drift=drift, cost=cost)
+        self.fired = [*getattr(self, "fired", []), mask.clone()]
+        return mask
+
+
+def test_staggered_reference_and_engine_in_lockstep():
+    from conftest import assert_lockstep
+
+    ref, _ = _run_soap("reference", Staggered(4), 13)
+    eng, _ = _run_soap("torch", Staggered(4), 13)
+    assert ref.schedule.phases == eng.schedule.phases
+    assert len(set(ref.schedule.phases)) > 1  # the factors really are spread
+    assert_lockstep(ref, eng)
+
+
+def test_staggered_gets_the_cost_and_refreshes_what_it_says():
+    from soap_kernels.reference import make_layout
+
+    schedule = _Recording(4)
+    opt, _ = _run_soap("torch", schedule, 13)  # the initialising step, then updates 1..12
+    layouts = [
+        make_layout(s, max_precond_dim=16, merge_dims=False, precondition_1d=False, channels_last=False) for s in STAGGER_SHAPES
+    ]
+    factors = sum(sum(layout.preconditioned) for layout in layouts)
+    t, cost = schedule.seen
+    assert t == 12 and cost.dtype == torch.float64 and cost.numel() == factors
+    assert (cost > 0).all()
+    # 12 updates, every=4: every factor refreshed exactly three times; the engine counted them.
+    assert torch.stack(schedule.fired).sum(0).tolist() == [3] * factors
+    assert sum(b["refreshes"] for b in opt.buckets_info()) == 3 * factors
+    # Spread: no step refreshed every factor.
+    assert max(int(m.sum()) for m in schedule.fired) < factors
+
+
+def test_staggered_one_block_is_constant():
+    """All factors in one block share phase 0, i.e. t % every == 0: Constant(every), bit for bit."""
+    shapes = [(12, 8)]
+    a, pa = _run_soap("torch", Staggered(3, blocks=[2]), 10, shapes)
+    b, pb = _run_soap("torch", Constant(3), 10, shapes)
+    assert a.schedule.phases == [0, 0]
+    assert all(torch.equal(x, y) for x, y in zip(pa, pb))
+
+
+def test_staggered_optimizer_state_dict_resume():
+    from conftest import apply_grads, grad_stream, make_params
+
+    from soap_kernels import SOAP
+
+    full, full_params = _run_soap("torch", Staggered(4), 14)
+    params = make_params(STAGGER_SHAPES)
+    first = SOAP(params, lr=1e-2, weight_decay=0.01, max_precond_dim=16, backend="torch", schedule=Staggered(4))
+    stream = list(grad_stream(STAGGER_SHAPES, 14))
+    for grads in stream[:7]:
+        apply_grads(params, grads)
+        first.step()
+    state = torch_round_trip(first.state_dict())
+    assert state["schedule"]["phases"] == full.schedule.phases
+    resumed_params = [torch.nn.Parameter(p.detach().clone()) for p in params]
+    resumed = SOAP(resumed_params, lr=1e-2, weight_decay=0.01, max_precond_dim=16, backend="torch", schedule=Staggered(4))
+    resumed.load_state_dict(state)
+    for grads in stream[7:]:
+        apply_grads(resumed_params, grads)
+        resumed.step()
+    assert resumed.schedule.phases == full.schedule.phases
+    assert all(torch.equal(x, y) for x, y in zip(resumed_params, full_params))
+
+
+def test_staggered_with_sharded_soap_without_process_group():
+    """ShardedSOAP at world size 1 passes the same cost vector and refreshes the same factors."""
+    from soap_kernels.distributed import ShardedSOAP
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        a, pa = _run_soap("torch", Staggered(4), 11)
+        b, pb = _run_soap("torch", Staggered(4), 11, cls=ShardedSOAP)
+    finally:
+        torch.set_num_threads(threads)
+    assert b.world_size == 1
+    assert a.schedule.phases == b.schedule.phases
+    assert all(torch.equal(x, y) for x, y in zip(pa, pb))
