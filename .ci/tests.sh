@@ -10,6 +10,8 @@ fi
 if [ -f .ci/compile_cuda.sh ]; then
     bash .ci/compile_cuda.sh
 fi
+# Every Triton kernel compiled for sm_90 by Triton's own compiler and ptxas (no GPU; not interpreted).
+env -u TRITON_INTERPRET python .ci/compile_triton.py
 python -m pytest -q -p no:cacheprovider tests "$@"
 # The engine's plain-PyTorch elementwise path, which the native extension replaces when built.
 SOAP_KERNELS_NATIVE_OPS=0 python -m pytest -q -p no:cacheprovider tests/test_engine.py
