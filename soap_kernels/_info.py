@@ -7,7 +7,7 @@ from pathlib import Path
 
 import torch
 
-from . import __version__, lapack, ops
+from . import __version__, lapack, select
 
 # The hot ops of one SOAP step and who provides them.
 OPS = {
@@ -36,8 +36,8 @@ def backend_info(device: str | torch.device | None = None) -> dict:
 
     device = torch.device(device) if device is not None else torch.device("cuda" if torch.cuda.is_available() else "cpu")
     backends = {}
-    for name in ("reference", "torch", "triton", "cuda"):
-        ok, why = ops.backend_available(name)
+    for name in select.BACKENDS[1:]:
+        ok, why = select.backend_available(name)
         backends[name] = {"available": ok, "detail": why}
     native = {"loaded": _native.available(), "detail": _native.load_error() or "loaded"}
     if _native.available():
@@ -47,7 +47,7 @@ def backend_info(device: str | torch.device | None = None) -> dict:
         "torch": torch.__version__,
         "python": platform.python_version(),
         "device": str(device),
-        "auto": ops.auto_backend(device),
+        "auto": select.auto_backend(device),
         "backends": backends,
         "native_extension": native,
         "ops": OPS,

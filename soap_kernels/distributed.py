@@ -1,4 +1,4 @@
-"""SOAP on ``torch.distributed``: DDP and FSDP2 work sharding (DESIGN §5).
+"""SOAP on ``torch.distributed``: DDP and FSDP2 work sharding (docs/DESIGN.md §5).
 
 :class:`ShardedSOAP` is :class:`~soap_kernels.SOAP` (same arguments, same math, same state layout)
 that splits the optimizer work over the ranks of a process group.
@@ -78,10 +78,10 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
-from . import ops
-from .engine import Bucket, bucket_key
-from .optimizer import SOAP, _refresh_cost, _selected
-from .reference import NOT_PRECONDITIONED, Layout
+from . import ops, select
+from .engine import NOT_PRECONDITIONED, Bucket, bucket_key, state_dtype
+from .layout import Layout
+from .optimizer import SOAP, _refresh_cost, _selected, _soap_states, _to_reference_layout
 
 __all__ = ["ShardedSOAP", "bucket_cost", "assign_owners", "string_keys", "ELEMENTWISE_FLOPS"]
 
@@ -294,7 +294,7 @@ class ShardedSOAP(SOAP):
             self._signature = signature[0]
             return
         if self._built is None or self._loading:  # first step, or loading: self.state holds full states
-            states = {p: s for p, s in self.state.items() if "GG" in s}
+            states = _soap_states(self.state)
         else:  # groups or parameters changed on every rank: ownership may move, go through the full state
             states = self._gather_full_state()
         self._build(states)
@@ -353,7 +353,11 @@ class ShardedSOAP(SOAP):
         engine.where = {}
 
         def add_bucket(gi: int, layout: Layout, members: list[_Entry], local: bool) -> None:
-            bucket = Bucket([e.engine_param for e in members], layout, self.second_moment, engine.kernels, engine.precision)
+            first = members[0].engine_param
+            table, measure = select.select(engine.backend, layout, self.second_moment, state_dtype(first.dtype),
+                                           first.device, engine.precision)
+            bucket = Bucket([e.engine_param for e in members], layout, self.second_moment, table, measure)
+            bucket.workspace_pool = engine.workspace_pool
             bucket.on_failure = self._failure_hook(members)
             for row, e in enumerate(members):
                 engine.where[e.engine_param] = (bucket, row)
@@ -398,8 +402,9 @@ class ShardedSOAP(SOAP):
 
     def _publish_live_state(self) -> None:
         """``state[p]``: live views of what this rank holds; ``{"owner": rank}`` where another rank
-        holds the state of an initialised parameter."""
-        self.state.clear()
+        holds the state of an initialised parameter (entries that are not a parameter's stay)."""
+        for p in [k for k in self.state if isinstance(k, Tensor)]:
+            del self.state[p]
         for e in self._entries:
             if e.index not in self._initialized:
                 continue
@@ -772,7 +777,7 @@ class ShardedSOAP(SOAP):
                 continue
             bucket, row = self._engine.where[e.engine_param]
             if bucket.initialized[row]:
-                local[e.index] = _to_cpu(bucket.export_row(row))
+                local[e.index] = _to_cpu(_to_reference_layout(bucket.row_state(row)))
         if self._group is None:
             pieces = [local]
         else:

@@ -1,4 +1,4 @@
-"""The hot ops of the batched engine, in plain PyTorch, and the choice of backend for each.
+"""The torch kernel table: the hot ops of the batched engine in plain PyTorch, on any device.
 
 Every op works on a *bucket*: ``B`` parameters of one shape stacked along a leading batch dim, in
 the preconditioner's working layout ``[B, d0, ..., dk]`` (after ``merge_dims`` and the
@@ -8,8 +8,9 @@ the preconditioner's working layout ``[B, d0, ..., dk]`` (after ``merge_dims`` a
 Conventions: "rotate in" is ``x ×_i Q_iᵀ`` for every preconditioned dim (for a matrix,
 ``Q_Lᵀ X Q_R``); "rotate back" is ``x ×_i Q_i`` (``Q_L X Q_Rᵀ``). State and math are fp32.
 
-The Triton (``soap_kernels.triton``) and native (``soap_kernels._C``) backends provide faster
-versions of these same functions; :func:`resolve` picks the implementation per op.
+:class:`TorchKernels` binds them to the signatures of :class:`soap_kernels.kernels.Kernels`; the
+native CPU ops of ``soap_kernels._C`` are its internal fast path where they measured faster. Which
+table a bucket uses is decided in :mod:`soap_kernels.select`, nowhere else.
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ import torch
 from torch import Tensor
 
 from . import _native, lapack
+from .kernels import Kernels, StepScalars
 
 # The native CPU ops (soap_kernels._C) replace the torch sequences where they measured faster;
 # SOAP_KERNELS_NATIVE_OPS=0 switches them off (A/B measurements, the CI lane without them).
@@ -37,7 +39,9 @@ __all__ = [
     "update_statistics",
     "refresh_factor",
     "FLOPS",
-    "backend_available",
+    "TorchKernels",
+    "apply_update",
+    "initial_eigenbasis",
 ]
 
 
@@ -109,6 +113,7 @@ def rotate_in_adam(
 
 def _native_moments(rotated: Tensor, exp_avg: Tensor, exp_avg_sq: Tensor) -> bool:
     """Use the native fused moment update? Only where it was measured faster: fp32 CPU tensors.
+    The native ops take fp32 only: float64 state stays on the torch ops.
 
     ``SOAP_KERNELS_NATIVE_OPS=0`` turns it off (for A/B measurements)."""
     if not NATIVE_OPS or rotated.device.type != "cpu":
@@ -313,7 +318,7 @@ def reorthonormalize_(q: Tensor) -> None:
 
 
 class FLOPS:
-    """The lean FLOP model of DESIGN §2 (per step and per refresh, per parameter)."""
+    """The lean FLOP model of docs/DESIGN.md §2 (per step and per refresh, per parameter)."""
 
     @staticmethod
     def step(work_shape: Sequence[int], preconditioned: Sequence[bool]) -> int:
@@ -338,31 +343,152 @@ class FLOPS:
         )
 
 
-def backend_available(name: str) -> tuple[bool, str]:
-    """Whether a backend's ops can run here, and if not, why."""
-    if name in ("reference", "torch"):
-        return True, "plain PyTorch"
-    if name == "triton":
-        from . import triton as triton_kernels
-
-        return triton_kernels.available()
-    if name == "cuda":
-        from . import _native
-
-        if not _native.available():
-            return False, f"the native extension soap_kernels._C is not loaded ({_native.load_error()})"
-        if not torch.cuda.is_available():
-            return False, "no CUDA device"
-        return False, "the CUDA ops of soap_kernels._C are not wired into the engine yet"
-    return False, f"unknown backend {name!r}"
+def apply_update(params: Sequence[Tensor], updates: Sequence[Tensor], decay: float | None) -> None:
+    """``p ← (p − u)·decay`` in the updates' dtype, written back once in the parameter's dtype."""
+    if params[0].dtype == updates[0].dtype:
+        torch._foreach_sub_(list(params), list(updates))
+        if decay is not None:
+            torch._foreach_mul_(list(params), decay)
+        return
+    for p, u in zip(params, updates):
+        wide = p.to(u.dtype).sub_(u)
+        if decay is not None:
+            wide.mul_(decay)
+        p.copy_(wide)
 
 
-def auto_backend(device: torch.device | None) -> str:
-    """``backend="auto"``: the batched torch engine, or on a CUDA device where Triton runs, the
-    engine with a per-bucket choice: each bucket's first full update is timed through the Triton
-    kernels and through the torch ops and the faster is kept (``SOAP.kernel_choices()`` shows the
-    choice and the timings). Never run on a GPU so far (none was lent to this project).
-    """
-    if device is not None and device.type == "cuda" and backend_available("triton")[0]:
-        return "triton"
-    return "torch"
+def gram(x: Tensor, dim: int) -> Tensor:
+    """``x_(dim) x_(dim)ᵀ``: contraction of ``x`` with itself over every dim but ``dim``."""
+    others = [d for d in range(x.dim()) if d != dim]
+    return torch.tensordot(x, x, dims=[others, others])
+
+
+# The jitter of the float64 retry of a failed eigh, relative to the factor's mean eigenvalue
+# (trace / d); the reference states the same rule (its RETRY_JITTER).
+EIGH_RETRY_JITTER = 1e-12
+
+
+def initial_eigenbasis(gg: Tensor) -> Tensor | None:
+    """Eigenvectors of a first step's factor by descending eigenvalue (``eigh(GG + 1e-30·I)``, as
+    soap.py), retried in float64 with a jitter of ``1e-12·trace/d`` if that raises or is not
+    finite; ``None`` if both fail. The same calls as the reference's, so the same bits."""
+    jitter = 1e-30 * torch.eye(gg.shape[0], device=gg.device, dtype=gg.dtype)
+    try:
+        _, q = lapack.eigh(gg + jitter)
+        if bool(torch.isfinite(q).all()):
+            return torch.flip(q, [1])
+    except RuntimeError:  # torch.linalg.LinAlgError (no convergence) is a RuntimeError
+        pass
+    g64 = gg.double()
+    if not bool(torch.isfinite(g64).all()):
+        return None
+    scale = float(torch.diagonal(g64).sum()) / max(g64.shape[0], 1)
+    g64.diagonal().add_(EIGH_RETRY_JITTER * scale if scale > 0 else 0.0)
+    try:
+        _, q = lapack.eigh(g64)
+    except RuntimeError:
+        return None
+    q = q.to(gg.dtype)
+    return torch.flip(q, [1]) if bool(torch.isfinite(q).all()) else None
+
+
+def permute_second_moment(exp_avg_sq: Tensor, dim: int, perm: Tensor, second_moment: str,
+                          work_shape: Sequence[int]) -> Tensor:
+    """``exp_avg_sq`` permuted along working dim ``dim``; for the factored (adafactor) second
+    moment the row accumulator (dim 0) or the column accumulator (the other dims)."""
+    if second_moment == "adam":
+        return permute_along(exp_avg_sq, dim, perm)
+    rows = work_shape[0] if work_shape else 1
+    row_acc, col_acc = exp_avg_sq[:, :rows], exp_avg_sq[:, rows:]
+    if dim == 0:
+        row_acc = row_acc.take_along_dim(perm, dim=1)
+    else:
+        cols = col_acc.reshape(col_acc.shape[0], *work_shape[1:])
+        col_acc = permute_along(cols, dim - 1, perm).reshape(col_acc.shape)
+    return torch.cat([row_acc, col_acc], dim=1)
+
+
+def _scale_rows(update: Tensor, sizes: Tensor) -> None:
+    update.mul_(sizes.view(-1, *(1,) * (update.dim() - 1)))
+
+
+def normalize_rows_(update: Tensor) -> None:
+    """Divide each row's update by its RMS (``1e-30`` guards zero). Per row: for 0-D parameters
+    (update ``[B]``) a mean over ``dim=()`` would reduce over every row of the bucket."""
+    rms = update.reshape(update.shape[0], -1).square().mean(dim=1).sqrt_()
+    update.div_(rms.add_(1e-30).view(-1, *(1,) * (update.dim() - 1)))
+
+
+def _sizes(scalars: StepScalars) -> list[float] | Tensor:
+    """The step sizes as host floats (eager: the reference's float64 arithmetic), or as a device
+    tensor inside torch.compile (a list of floats given to a tensor factory or a custom op would be
+    specialised, one recompile per step)."""
+    return scalars.device_sizes() if torch.compiler.is_compiling() else scalars.sizes
+
+
+class TorchKernels(Kernels):
+    """The torch table: the functions above with the table's signatures."""
+
+    name = "torch"
+
+    def rotate_in_moments(self, grads, qs, exp_avg, exp_avg_sq, beta1, beta2, eps, *, second_moment, workspace):
+        grads = [g if g.dtype == exp_avg.dtype else g.to(exp_avg.dtype) for g in grads]
+        if workspace is not None and exp_avg.dim() == 3 and second_moment == "adam":
+            grad = list(grads)  # the first GEMM reads each gradient in place
+        elif workspace is not None:
+            grad = torch.stack(list(grads), out=workspace[0])
+        else:
+            grad = torch.stack(list(grads))
+        if second_moment == "adam":
+            return rotate_in_adam(grad, qs, exp_avg, exp_avg_sq, beta1, beta2, eps, workspace=workspace)
+        return rotate_in_adafactor(grad, qs, exp_avg, exp_avg_sq, beta1, beta2, eps)
+
+    def update_statistics(self, stats, rotated, shampoo_beta):
+        update_statistics(stats, rotated, shampoo_beta)
+
+    def rotate_back_update(self, direction, qs, params, views, scalars: StepScalars, *, normalize, from_work,
+                           workspace):
+        fused = (views is not None and not normalize and direction.dim() == 3
+                 and all(v.dtype == direction.dtype and v.is_contiguous() for v in views))
+        if fused:
+            rotate_back_update(direction, qs, views, scalars.sizes, scalars.decay, workspace=workspace)
+            return
+        update = rotate_back(direction, qs)
+        if normalize:
+            normalize_rows_(update)
+        sizes = _sizes(scalars)
+        if not isinstance(sizes, Tensor):
+            sizes = torch.tensor(sizes, dtype=torch.float32).to(update.device, non_blocking=True)
+        _scale_rows(update, sizes)
+        apply_update(params, [from_work(u) for u in update.unbind(0)], None if scalars.decay == 1.0 else scalars.decay)
+
+    def adam_step(self, params, grads, exp_avg, exp_avg_sq, scalars: StepScalars, beta1, beta2, eps, *,
+                  second_moment, normalize, views, from_work):
+        native = (NATIVE_OPS and second_moment == "adam" and not normalize and exp_avg.device.type == "cpu"
+                  and exp_avg.dtype == torch.float32
+                  and views is not None and all(tuple(v.shape) == tuple(p.shape) for v, p in zip(views, params))
+                  and all(p.is_contiguous() and g.is_contiguous() and g.dtype == p.dtype for p, g in zip(params, grads)))
+        if native:
+            # One fused pass per tensor: measured ~20x faster than the stacked torch ops on the cpu
+            # set's LayerNorm/bias parameters (benchmarks/bench_native.py).
+            _native.adam_step(list(params), list(grads), list(exp_avg.unbind(0)), list(exp_avg_sq.unbind(0)),
+                              _sizes(scalars), beta1=beta1, beta2=beta2, eps=eps,
+                              lr_weight_decay=scalars.lr * scalars.weight_decay if scalars.weight_decay > 0 else 0.0)
+            return
+        _, direction = self.rotate_in_moments(grads, [None] * (exp_avg.dim() - 1), exp_avg, exp_avg_sq, beta1, beta2,
+                                              eps, second_moment=second_moment, workspace=None)
+        self.rotate_back_update(direction, [None] * (exp_avg.dim() - 1), params, None, scalars, normalize=normalize,
+                                from_work=from_work, workspace=None)
+
+    def refresh_factor(self, stats, q):
+        return refresh_factor(stats, q)
+
+    def refresh_moments(self, exp_avg, exp_avg_sq, dim, perm, q_mix, *, second_moment, work_shape):
+        exp_avg.copy_(reexpress(exp_avg, dim, perm, q_mix))
+        exp_avg_sq.copy_(permute_second_moment(exp_avg_sq, dim, perm, second_moment, work_shape))
+
+    def reorthonormalize_(self, q):
+        reorthonormalize_(q)
+
+
+TORCH = TorchKernels()

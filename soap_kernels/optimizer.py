@@ -1,7 +1,7 @@
 """``SOAP``: a ``torch.optim.Optimizer`` with the reference's keyword arguments and semantics.
 
 The optimizer maps param groups to a backend: ``reference`` (the literal per-parameter statement of
-DESIGN §1, :mod:`soap_kernels.reference`) or the batched engine (:mod:`soap_kernels.engine`, whose
+docs/DESIGN.md §1, :mod:`soap_kernels.reference`) or the batched engine (:mod:`soap_kernels.engine`, whose
 hot ops may run in Triton or native code). Whatever the backend, ``state_dict()`` holds per
 parameter the reference's state (``step``, ``exp_avg``, ``exp_avg_sq``, ``GG``, ``Q``) in the
 reference's frames, so a checkpoint saved with one backend loads into another.
@@ -16,7 +16,6 @@ from __future__ import annotations
 import copy
 import math
 import numbers
-import os
 import warnings
 from collections.abc import Callable, Iterable
 from typing import Any
@@ -24,20 +23,23 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from . import ops, reference
-from .engine import BatchedEngine, Bucket
-from .reference import Layout
+from . import ops, reference, select
+from .engine import NOT_PRECONDITIONED, BatchedEngine, Bucket
+from .layout import Layout, make_layout
 from .schedules import RefreshSchedule
+from .select import BACKENDS
 
 __all__ = ["SOAP", "BACKENDS", "STATE_FORMAT"]
 
-BACKENDS = ("auto", "reference", "torch", "triton", "cuda")
 DATA_FORMATS = ("channels_first", "channels_last")
 SECOND_MOMENTS = ("adam", "adafactor")
 PRECISIONS = ("fp32", "tf32", "bf16")
 NONFINITE = ("raise", "skip", "ignore")
-# Version of the state_dict layout; a newer one is refused with a clear message.
-STATE_FORMAT = 1
+# Version of the state_dict layout; a newer one is refused with a clear message. 2: the
+# optimizer-wide progress (update count, skipped steps, schedule state) is also copied into param
+# group 0 under "soap", so DCP's get/set_optimizer_state_dict (which keep only "state" and
+# "param_groups") keep it; the top-level copy wins when both are there.
+STATE_FORMAT = 2
 
 
 def _check_hyperparameters(group: dict[str, Any], where: str = "") -> None:
@@ -48,7 +50,8 @@ def _check_hyperparameters(group: dict[str, Any], where: str = "") -> None:
         value = group[name]
         if isinstance(value, Tensor):
             if value.numel() != 1:
-                raise ValueError(f"{prefix}{name} must be a number or a one-element tensor, got shape {tuple(value.shape)}")
+                raise ValueError(f"{prefix}Tensor {name} must be 1-element (a number or a one-element tensor), "
+                                 f"got shape {tuple(value.shape)}")
             value = value.item()
         if isinstance(value, bool) or not isinstance(value, numbers.Real) or not math.isfinite(value):
             raise ValueError(f"{prefix}{name} must be a finite real number, got {value!r}")
@@ -78,73 +81,22 @@ def _check_hyperparameters(group: dict[str, Any], where: str = "") -> None:
             raise ValueError(f"{prefix}{name} must be True or False, got {group[name]!r}")
 
 
-def _materialize(params: Any) -> list:
-    """Lists instead of one-shot iterables (``model.parameters()``), so they can be read twice."""
-    if isinstance(params, Tensor):
-        return [params]
-    if isinstance(params, (str, bytes, dict)) or not isinstance(params, Iterable):
-        raise TypeError(f"params must be an iterable of tensors or of param-group dicts, got {type(params).__name__}")
-    items = list(params)
-    for i, g in enumerate(items):
-        if isinstance(g, dict):
-            if "params" not in g:
-                raise ValueError(f"param group {i} has no 'params' entry")
-            if not isinstance(g["params"], (Tensor, Iterable)) or isinstance(g["params"], (str, bytes, dict)):
-                raise TypeError(f"param group {i}: 'params' must be a tensor or an iterable of tensors, "
-                                f"got {type(g['params']).__name__}")
-        elif not isinstance(g, Tensor):
-            raise TypeError(f"params[{i}] is a {type(g).__name__}: SOAP optimizes tensors (or param-group dicts)")
-    return [{**g, "params": list(g["params"]) if not isinstance(g["params"], Tensor) else [g["params"]]}
-            if isinstance(g, dict) else g for g in items]
-
-
-def _device_problem(devices: Iterable[torch.device], backend: str, interpreted: bool) -> str | None:
-    """Why parameters on ``devices`` cannot run on ``backend``, or ``None``.
-
-    The reference and torch backends run any mix of devices (one bucket per device). Compiled Triton
-    kernels read CUDA memory only; under the interpreter (``TRITON_INTERPRET=1``) they read CPU
-    tensors only.
-    """
-    if backend != "triton":
-        return None
-    wanted = "cpu" if interpreted else "cuda"
-    for device in devices:
-        if device.type != wanted:
-            how = "the Triton interpreter (TRITON_INTERPRET=1) runs CPU tensors" if interpreted else \
-                "compiled Triton kernels run CUDA tensors"
-            return f"backend='triton' cannot update a parameter on {device}: {how} only; use backend='torch'"
-    return None
-
-
-def _triton_interpreted() -> bool:
-    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
-
-
 def params_device(params: list) -> torch.device | None:
-    """The parameters' device; ``None`` when there are none or they span several devices."""
+    """The parameters' device; ``None`` when there are none or they span several devices.
+    Items may be tensors, ``(name, tensor)`` pairs (``named_parameters()``) or param groups."""
     found = None
     for item in params:
-        tensors = item["params"] if isinstance(item, dict) else [item]
+        tensors = (item.get("params") or []) if isinstance(item, dict) else [item]
         if isinstance(tensors, Tensor):
             tensors = [tensors]
         for t in tensors:
+            if isinstance(t, tuple) and len(t) == 2:
+                t = t[1]
             if isinstance(t, Tensor):
                 if found is not None and t.device != found:
                     return None
                 found = t.device
     return found
-
-
-def _resolve_backend(backend: str, device: torch.device | None = None) -> str:
-    if backend not in BACKENDS:
-        raise ValueError(f"Unknown backend {backend!r}; choose one of {', '.join(BACKENDS)}")
-    if backend == "auto":
-        return ops.auto_backend(device)
-    if backend in ("triton", "cuda"):
-        ok, reason = ops.backend_available(backend)
-        if not ok:
-            raise RuntimeError(f"backend={backend!r} cannot run here: {reason}. Use backend='auto' or 'torch'.")
-    return backend
 
 
 class SOAP(torch.optim.Optimizer):
@@ -166,7 +118,8 @@ class SOAP(torch.optim.Optimizer):
         correct_bias: Adam's bias correction.
 
     Keyword-only:
-        backend: ``"auto"`` (fastest available), ``"reference"``, ``"torch"``, ``"triton"``, ``"cuda"``.
+        backend: ``"auto"`` (fastest available), ``"reference"``, ``"torch"``, ``"triton"``
+            (:mod:`soap_kernels.select`).
         schedule: a :class:`~soap_kernels.schedules.RefreshSchedule`; ``None`` refreshes every
             ``precondition_frequency`` updates of each parameter, as the reference does.
         second_moment: ``"adam"`` (SOAP) or ``"adafactor"`` (Shampoo with exponent 1/2, by the
@@ -234,8 +187,13 @@ class SOAP(torch.optim.Optimizer):
             raise ValueError(f"schedule must be a soap_kernels.schedules.RefreshSchedule or None, got {schedule!r}")
         if nonfinite not in NONFINITE:
             raise ValueError(f"Unknown nonfinite {nonfinite!r}; choose one of {', '.join(NONFINITE)}")
-        params = _materialize(params)
-        self.backend = _resolve_backend(backend, params_device(params))
+        if isinstance(params, Tensor) or not isinstance(params, Iterable) or isinstance(params, (str, bytes, dict)):
+            raise TypeError("params argument given to the optimizer should be an iterable of Tensors or dicts, "
+                            f"but got {torch.typename(params)}")
+        params = [{**g, "params": list(g["params"])}
+                  if isinstance(g, dict) and isinstance(g.get("params"), Iterable) and not isinstance(g["params"], Tensor)
+                  else g for g in params]
+        self.backend = select.resolve_backend(backend, params_device(params))
         if rotation_precision != "fp32" and self.backend != "triton":
             raise ValueError(f"rotation_precision={rotation_precision!r} needs backend='triton' "
                              f"(the {self.backend} backend rotates in fp32)")
@@ -249,18 +207,59 @@ class SOAP(torch.optim.Optimizer):
         self._warned: set[int] = set()  # ids of parameters already warned about
         self._updates = 0  # optimizer-wide update count: the schedule's t
         # backend="auto" that resolved to Triton measures, per bucket, whether Triton or the torch
-        # ops update it faster (DESIGN §3: auto picks the fastest available per op).
-        kernels = ("measure" if backend == "auto" else "triton") if self.backend == "triton" else "torch"
-        self._engine = None if self.backend == "reference" else BatchedEngine(second_moment, kernels, rotation_precision)
-        if self._engine is not None:
-            self._engine.on_failure = self._factorization_failed
+        # table updates it faster (docs/DESIGN.md §3).
+        self._engine_backend = "auto" if backend == "auto" and self.backend == "triton" else self.backend
+        self._engine: BatchedEngine | None = None
         self._signature: tuple | None = None
+        self._new_engine()
         super().__init__(params, defaults)
+        self._register_own_hooks()
+
+    def _new_engine(self) -> None:
+        """The batched engine is a cache of ``self.state`` (rebuilt from it whenever the groups,
+        a checkpoint or an unpickled copy change what it holds)."""
+        self._signature = None
+        if self.backend == "reference":
+            self._engine = None
+            return
+        self._engine = BatchedEngine(self.second_moment, self._engine_backend, self.rotation_precision)
+        self._engine.on_failure = self._factorization_failed
+
+    def _register_own_hooks(self) -> None:
+        """SOAP's conversion between its live state and the reference layout of a checkpoint runs
+        in the base class's state-dict hooks (registered first: a user's hooks see the reference
+        layout)."""
+        self.register_state_dict_post_hook(SOAP._state_dict_post_hook)
+        self.register_load_state_dict_pre_hook(SOAP._load_state_dict_pre_hook)
+        self.register_load_state_dict_post_hook(SOAP._load_state_dict_post_hook)
+
+    # ------------------------------------------------------------------------------ copies
+    def __getstate__(self) -> dict[str, Any]:
+        """Everything but the engine (a cache of ``self.state``, rebuilt at the next step) and the
+        hooks (dropped, as torch's optimizers drop them; SOAP's own are registered again)."""
+        state = {k: v for k, v in self.__dict__.items() if not k.startswith("_optimizer_") and k != "_engine"}
+        state["_warned"] = set()
+        return state
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        super().__setstate__(state)
+        if "backend" in state:  # a deepcopy or an unpickled optimizer (not load_state_dict's call)
+            self._new_engine()
+            self._register_own_hooks()
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """The base class's ``load_state_dict`` (SOAP's validation and conversion run in its
+        hooks); anything but a dict is refused before the base class touches it."""
+        if not isinstance(state_dict, dict):
+            raise ValueError(f"not an optimizer state_dict: expected a dict, got {type(state_dict).__name__}")
+        super().load_state_dict(state_dict)
 
     # ------------------------------------------------------------------------------ groups
     def add_param_group(self, param_group: dict[str, Any]) -> None:
         if not isinstance(param_group, dict):
             raise TypeError(f"a param group must be a dict, got {type(param_group).__name__}")
+        if "params" not in param_group:
+            raise ValueError(f"a param group has no 'params' (keys: {sorted(param_group)})")
         super().add_param_group(param_group)
         group = self.param_groups[-1]
         where = f"param group {len(self.param_groups) - 1}"
@@ -270,7 +269,7 @@ class SOAP(torch.optim.Optimizer):
                 if p.is_complex():
                     raise ValueError(f"{where}, parameter {pi}: SOAP does not support complex parameters; "
                                      "view them as real (torch.view_as_real)")
-            problem = _device_problem((p.device for p in group["params"]), self.backend, _triton_interpreted())
+            problem = select.device_problem((p.device for p in group["params"]), self.backend)
             if problem:
                 raise ValueError(f"{where}: {problem}")
         except ValueError:
@@ -279,10 +278,10 @@ class SOAP(torch.optim.Optimizer):
 
     def layout_of(self, p: Tensor, group: dict[str, Any]) -> Layout:
         """How the preconditioner sees ``p`` under ``group``'s hyperparameters."""
-        return reference.make_layout(
+        return make_layout(
             p.shape,
             max_precond_dim=group["max_precond_dim"],
-            merge_dims=group["merge_dims"],
+            merge_dims_=group["merge_dims"],
             precondition_1d=group["precondition_1d"],
             channels_last=self.data_format == "channels_last",
         )
@@ -297,17 +296,17 @@ class SOAP(torch.optim.Optimizer):
         signature = self._group_signature()
         if signature == self._signature:
             return
-        states = self._engine.export_state() if self._engine.buckets else {}
-        for p, state in self.state.items():  # state loaded into self.state by load_state_dict
-            if p not in states and "GG" in state:
-                states[p] = state
+        # self.state is the truth: live views of the buckets, or what a checkpoint or a copy put there.
+        states = _soap_states(self.state)
         self._engine.build(self.param_groups, self.layout_of, states)
         self._signature = signature
         self._publish_live_state()
 
     def _publish_live_state(self) -> None:
-        """``self.state[p]`` shows the engine's state as live views under the reference's names."""
-        self.state.clear()
+        """``self.state[p]`` shows the engine's state as live views under the reference's names
+        (entries that are not a parameter's, e.g. a hook's, stay)."""
+        for p in [k for k in self.state if isinstance(k, Tensor)]:
+            del self.state[p]
         for p in self._engine.where:
             live = self._engine.live_state(p)
             if live is not None:
@@ -320,7 +319,6 @@ class SOAP(torch.optim.Optimizer):
         (One thing may change: buckets built for a parameter that has since been cast to another
         dtype, or resized/moved before it had any state, are marked for a rebuild, which keeps the
         state exactly.)"""
-        interpreted = _triton_interpreted()
         for gi, group in enumerate(self.param_groups):
             _check_hyperparameters(group, f"param group {gi}")
             for pi, p in enumerate(group["params"]):
@@ -341,7 +339,7 @@ class SOAP(torch.optim.Optimizer):
                     raise ValueError(f"{where}: gradient on {grad.device} but parameter on {p.device}")
                 self._check_geometry(p, where)
                 if self.backend == "triton":
-                    problem = _device_problem((p.device,), self.backend, interpreted)
+                    problem = select.device_problem((p.device,), self.backend)
                     if problem:
                         raise ValueError(f"{where}: {problem}")
 
@@ -388,8 +386,10 @@ class SOAP(torch.optim.Optimizer):
                 grad = p.grad
                 if grad is not None and grad.numel() > 0:
                     by_kind.setdefault((grad.device, grad.dtype), []).append(grad)
-        flags = [torch.stack(torch._foreach_norm(grads, 2, dtype=torch.float32)).isfinite().all().logical_not()
-                 for grads in by_kind.values()]
+        # fp64 gradients feed fp64 statistics: their norm in fp64 (fp32 would refuse to narrow them).
+        flags = [torch.stack(torch._foreach_norm(grads, 2, dtype=torch.float64 if kind[1] == torch.float64 else
+                                                 torch.float32)).isfinite().all().logical_not()
+                 for kind, grads in by_kind.items()]
         if not flags:
             return torch.zeros(())
         device = flags[0].device
@@ -451,7 +451,10 @@ class SOAP(torch.optim.Optimizer):
                 loss_value = float(loss)
             except (TypeError, ValueError, RuntimeError) as err:
                 raise ValueError(f"the loss must be a number or a one-element tensor, got {type(loss).__name__}") from err
-        if self.nonfinite != "ignore" and self._nonfinite_step(self._local_nonfinite_flag()):
+        # Inside torch.compile the check (one host read) is not traced: a compiled step behaves as
+        # nonfinite="ignore" (see the README's torch.compile notes).
+        checking = self.nonfinite != "ignore" and not torch.compiler.is_compiling()
+        if checking and self._nonfinite_step(self._local_nonfinite_flag()):
             if self.nonfinite == "raise":
                 raise self._nonfinite_error()
             self.skipped_steps += 1
@@ -576,7 +579,8 @@ class SOAP(torch.optim.Optimizer):
         if self._engine is None:
             return []
         return [
-            {"group": gi, "work_shape": tuple(b.layout.work_shape), "count": len(b.params), "kernels": b.kernels,
+            {"group": gi, "work_shape": tuple(b.layout.work_shape), "count": len(b.params),
+             "kernels": "measure" if b.pending_measure else b.kernels.name,
              "measured_ms": None if b.measured is None else dict(b.measured)}
             for gi, b in self._engine.buckets
         ]
@@ -596,8 +600,8 @@ class SOAP(torch.optim.Optimizer):
             out.append({
                 "group": gi, "shape": tuple(b.layout.shape), "work_shape": tuple(b.layout.work_shape),
                 "preconditioned": list(b.layout.preconditioned), "count": len(b.params), "dtype": b.dtype,
-                "device": b.exp_avg.device, "kernels": b.kernels,
-                "refreshes": sum(sum(c) for c, q in zip(b.refresh_count, b.q) if q is not None),
+                "device": b.exp_avg.device, "kernels": "measure" if b.pending_measure else b.kernels.name,
+                "refreshes": int(b.refresh_count.sum()),
                 "state_bytes": sum(t.numel() * t.element_size() for t in tensors),
             })
         return out
@@ -607,41 +611,22 @@ class SOAP(torch.optim.Optimizer):
         once) and ``workspace_bytes`` (scratch buffers kept between steps)."""
         if self._engine is None:
             seen: dict[int, int] = {}
-            for s in self.state.values():
+            for s in _soap_states(self.state).values():
                 for v in s.values():
                     for t in (v if isinstance(v, list) else [v]):
                         if isinstance(t, Tensor) and t.numel():
                             st = t.untyped_storage()
                             seen[st.data_ptr()] = st.nbytes()
             return {"state_bytes": sum(seen.values()), "workspace_bytes": 0}
-        work = sum(t.numel() * t.element_size() for t in self._engine.workspace_pool.buffers.values())
+        work = self._engine.workspace_pool.nbytes()
         return {"state_bytes": sum(b["state_bytes"] for b in self.buckets_info()), "workspace_bytes": work}
 
     def _reference_layout_state(self) -> dict[Tensor, dict]:
-        if self.backend == "reference":
-            return {p: s for p, s in self.state.items() if "Q" in s}
-        if self._signature is None:  # no step yet: whatever load_state_dict put there
-            return {p: s for p, s in self.state.items() if "GG" in s}
-        return self._engine.export_state()
+        """Every parameter's state, by parameter, in the reference's layout (fresh tensors)."""
+        return {p: _to_reference_layout(s) for p, s in _soap_states(self.state).items()}
 
-    def state_dict(self) -> dict[str, Any]:
-        """The reference's per-parameter state (``step``, ``exp_avg``, ``exp_avg_sq``, ``GG``,
-        ``Q``), whatever the backend, plus the param groups and the schedule's state."""
-        states = self._reference_layout_state()
-        index: dict[int, int] = {}
-        groups = []
-        for group in self.param_groups:
-            packed = {k: v for k, v in group.items() if k != "params"}
-            packed["params"] = []
-            for p in group["params"]:
-                index.setdefault(id(p), len(index))
-                packed["params"].append(index[id(p)])
-            groups.append(packed)
-        by_id = {id(p): p for g in self.param_groups for p in g["params"]}
-        state = {index[pid]: _copy_state(states[p]) for pid, p in by_id.items() if p in states}
+    def _progress(self) -> dict[str, Any]:
         return {
-            "state": state,
-            "param_groups": groups,
             "format": STATE_FORMAT,
             "second_moment": self.second_moment,
             "data_format": self.data_format,
@@ -650,88 +635,126 @@ class SOAP(torch.optim.Optimizer):
             "schedule": None if self.schedule is None else self.schedule.state_dict(),
         }
 
-    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        """Load a checkpoint of any backend. Everything is validated before anything changes."""
+    @staticmethod
+    def _state_dict_post_hook(self: SOAP, state_dict: dict[str, Any]) -> dict[str, Any]:
+        """``state_dict()``: per parameter the reference's state (``step``, ``exp_avg``,
+        ``exp_avg_sq``, ``GG``, ``Q``; the engine adds its exact ``GG_eigenbasis`` and
+        ``Q_refreshes``), whatever the backend; the optimizer-wide progress in param group 0."""
+        states = self._reference_layout_state()
+        params = [p for g in self.param_groups for p in g["params"]]
+        indices = [i for g in state_dict["param_groups"] for i in g["params"]]
+        packed = state_dict["state"]  # the base class's packing: other entries (a hook's) stay
+        for i, p in zip(indices, params):
+            if p in states:
+                packed[i] = states[p]
+        progress = self._progress()
+        state_dict.update(progress)  # where format 1 kept it, and where people look
+        # Where DCP's get/set_optimizer_state_dict keep it; in every group, so that groups
+        # compare equal whichever of them a caller looks at.
+        for group in state_dict["param_groups"]:
+            group["soap"] = copy.deepcopy(progress)
+        return state_dict
+
+    @staticmethod
+    def _load_state_dict_pre_hook(self: SOAP, state_dict: dict[str, Any]) -> dict[str, Any]:
+        """Validate a checkpoint of any backend before anything changes, and hand the base class
+        a copy whose per-parameter states it passes through untouched (it would cast fp32 state
+        to a bf16 parameter's dtype)."""
         if not isinstance(state_dict, dict) or "state" not in state_dict or "param_groups" not in state_dict:
             raise ValueError("not an optimizer state_dict: expected a dict with 'state' and 'param_groups'")
-        version = state_dict.get("format", STATE_FORMAT)
-        if not isinstance(version, int) or version > STATE_FORMAT:
-            raise ValueError(f"state_dict format {version!r} is newer than this soap_kernels (format {STATE_FORMAT}); "
-                             "upgrade soap_kernels")
-        saved_second = state_dict.get("second_moment", "adam")
-        if saved_second != self.second_moment:
-            raise ValueError(f"state_dict was saved with second_moment={saved_second!r}, "
-                             f"this optimizer uses {self.second_moment!r}")
         saved_groups = state_dict["param_groups"]
         if not isinstance(saved_groups, (list, tuple)) or not isinstance(state_dict["state"], dict):
             raise ValueError("not an optimizer state_dict: 'param_groups' must be a list and 'state' a dict")
         if len(saved_groups) != len(self.param_groups):
             raise ValueError(f"state_dict has {len(saved_groups)} param groups, the optimizer has {len(self.param_groups)}")
+        progress = dict(saved_groups[0].get("soap") or {}) if saved_groups and isinstance(saved_groups[0], dict) else {}
+        for key in ("format", "second_moment", "data_format", "updates", "skipped_steps", "schedule"):
+            if key in state_dict:  # the top level (format 1, and what a user edits) wins
+                progress[key] = state_dict[key]
+        version = progress.get("format", STATE_FORMAT)
+        if not isinstance(version, int) or version > STATE_FORMAT:
+            raise ValueError(f"state_dict format {version!r} is newer than this soap_kernels (format {STATE_FORMAT}); "
+                             "upgrade soap_kernels")
+        saved_second = progress.get("second_moment", "adam")
+        if saved_second != self.second_moment:
+            raise ValueError(f"state_dict was saved with second_moment={saved_second!r}, "
+                             f"this optimizer uses {self.second_moment!r}")
         counters = {}
         for name in ("updates", "skipped_steps"):
-            value = state_dict.get(name, 0)
+            value = progress.get(name, 0)
             if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 0:
                 raise ValueError(f"state_dict[{name!r}] must be a non-negative integer, got {value!r}")
             counters[name] = int(value)
-        schedule_state = state_dict.get("schedule")
+        schedule_state = progress.get("schedule")
         if self.schedule is not None and schedule_state is not None:
             try:  # on a copy first: a schedule state that does not fit must not change anything
                 copy.deepcopy(self.schedule).load_state_dict(schedule_state)
-            except (KeyError, TypeError, AttributeError) as err:
+            except (KeyError, TypeError, AttributeError, ValueError) as err:
                 raise ValueError(f"state_dict['schedule'] does not fit {type(self.schedule).__name__}: {err!r}") from err
-        new_groups = []
-        params_by_index: dict[int, tuple[Tensor, dict]] = {}
+        groups_out = []
+        params_by_index: dict[Any, tuple[Tensor, dict]] = {}
         for gi, (ours, saved) in enumerate(zip(self.param_groups, saved_groups)):
             if not isinstance(saved, dict) or not isinstance(saved.get("params"), (list, tuple)):
                 raise ValueError(f"state_dict param group {gi} must be a dict with a 'params' list")
             if len(saved["params"]) != len(ours["params"]):
                 raise ValueError(f"param group {gi}: state_dict has {len(saved['params'])} parameters, "
                                  f"the optimizer has {len(ours['params'])}")
-            group = {**ours, **{k: v for k, v in saved.items() if k != "params"}}
+            group = {**ours, **{k: v for k, v in saved.items() if k not in ("params", "soap")}}
             group["params"] = ours["params"]
             if isinstance(group.get("betas"), list):
                 group["betas"] = tuple(group["betas"])
             _check_hyperparameters(group, f"state_dict param group {gi}")
-            new_groups.append(group)
+            out = {k: v for k, v in saved.items() if k != "soap"}
+            if isinstance(out.get("betas"), list):
+                out["betas"] = tuple(out["betas"])
+            groups_out.append(out)
             for idx, p in zip(saved["params"], ours["params"]):
                 if idx in params_by_index:
                     raise ValueError(f"state_dict lists parameter {idx!r} twice")
                 params_by_index[idx] = (p, group)
-        loaded: dict[Tensor, dict] = {}
+        states_out: dict[Any, Any] = {}
         for idx, saved_state in state_dict["state"].items():
+            if idx not in params_by_index and not isinstance(idx, numbers.Integral):
+                states_out[idx] = saved_state  # not a parameter's (a hook's): the base class keeps it
+                continue
             if idx not in params_by_index:
                 raise ValueError(f"state_dict has state for parameter {idx}, which no param group lists")
             p, group = params_by_index[idx]
-            loaded[p] = self._validated_state(p, group, saved_state, idx)
-        # Everything fits: now modify.
-        for ours, new in zip(self.param_groups, new_groups):
-            ours.clear()
-            ours.update(new)
+            states_out[idx] = _Validated(self._validated_state(p, group, saved_state, idx))
+        self._loading_progress = (counters, schedule_state)
+        return {**state_dict, "state": states_out, "param_groups": groups_out}
+
+    @staticmethod
+    def _load_state_dict_post_hook(self: SOAP) -> None:
+        counters, schedule_state = self._loading_progress
+        del self._loading_progress
+        for p in list(self.state):
+            if isinstance(self.state[p], _Validated):
+                self.state[p] = self.state[p].state
         self._updates = counters["updates"]
         self.skipped_steps = counters["skipped_steps"]
         if self.schedule is not None and schedule_state is not None:
             self.schedule.load_state_dict(schedule_state)
-        self.state.clear()
-        for p, s in loaded.items():
-            self.state[p] = s
+        for group in self.param_groups:
+            if isinstance(group.get("betas"), list):
+                group["betas"] = tuple(group["betas"])
         if self._engine is not None:
-            self._engine.buckets = []
-            self._engine.where = {}
-            self._signature = None
+            self._new_engine()
             self._ensure_engine()
 
-    def _validated_state(self, p: Tensor, group: dict, saved: Any, idx: int) -> dict:
+    def _validated_state(self, p: Tensor, group: dict, saved: Any, idx: Any) -> dict:
         where = f"state of parameter {idx} (shape {tuple(p.shape)})"
         if not isinstance(saved, dict):
             raise ValueError(f"{where}: expected a dict, got {type(saved).__name__}")
-        missing = {"step", "exp_avg", "exp_avg_sq", "GG", "Q"} - saved.keys()
-        if missing:
-            raise ValueError(f"{where}: missing {sorted(missing)}; was it saved by SOAP?")
+        missing = {"step", "exp_avg", "exp_avg_sq", "Q"} - saved.keys()
+        if missing or not ({"GG", "GG_eigenbasis"} & saved.keys()):
+            raise ValueError(f"{where}: missing {sorted(missing or {'GG'})}; was it saved by SOAP?")
         layout = self.layout_of(p, group)
         step = saved["step"]
-        step = int(step.item()) if isinstance(step, Tensor) else step
+        step = int(step.item()) if isinstance(step, Tensor) and step.numel() == 1 else step
         if isinstance(step, bool) or not isinstance(step, numbers.Integral) or step < 0:
             raise ValueError(f"{where}: step must be a non-negative integer, got {saved['step']!r}")
+        dtype = torch.float64 if p.dtype == torch.float64 else torch.float32
 
         def tensor(name: str, value: Any, shape: tuple) -> Tensor:
             if not isinstance(value, Tensor):
@@ -741,40 +764,85 @@ class SOAP(torch.optim.Optimizer):
                                  "(a state_dict from another model?)")
             if not torch.isfinite(value).all():
                 raise ValueError(f"{where}: {name} holds non-finite values")
-            return value.detach().to(device=p.device, dtype=torch.float32).clone()
+            return value.detach().to(device=p.device, dtype=dtype).clone()  # strides kept: they decide the GEMMs' bits
+
+        def factors(name: str, check_q: bool) -> list:
+            listed = saved[name]
+            if not isinstance(listed, (list, tuple)) or len(listed) != len(layout.preconditioned):
+                raise ValueError(f"{where}: {name} must list {len(layout.preconditioned)} factors for working shape "
+                                 f"{layout.work_shape}")
+            out = []
+            for i, (f, d, pre) in enumerate(zip(listed, layout.work_shape, layout.preconditioned)):
+                if not pre:
+                    if isinstance(f, Tensor) and f.numel() > 0 or (not isinstance(f, Tensor) and len(f) > 0):
+                        raise ValueError(f"{where}: {name}[{i}] should be empty (dim {i} is not preconditioned)")
+                    out.append(NOT_PRECONDITIONED)
+                else:
+                    out.append(tensor(f"{name}[{i}]", f, (d, d)))
+                    if check_q:
+                        _check_orthonormal(out[-1], f"{where}: Q[{i}]")
+            return out
 
         out: dict[str, Any] = {"step": int(step)}
         out["exp_avg"] = tensor("exp_avg", saved["exp_avg"], p.shape)
         if self.second_moment == "adam":
             out["exp_avg_sq"] = tensor("exp_avg_sq", saved["exp_avg_sq"], p.shape)
         else:
-            out["exp_avg_sq"] = tensor("exp_avg_sq", saved["exp_avg_sq"], (reference._adafactor_numel(layout),))
-        for name in ("GG", "Q"):
-            factors = saved[name]
-            if not isinstance(factors, (list, tuple)) or len(factors) != len(layout.preconditioned):
-                raise ValueError(f"{where}: {name} must list {len(layout.preconditioned)} factors for working shape "
-                                 f"{layout.work_shape}")
-            converted = []
-            for i, (f, d, pre) in enumerate(zip(factors, layout.work_shape, layout.preconditioned)):
-                if not pre:
-                    if isinstance(f, Tensor) and f.numel() > 0 or (not isinstance(f, Tensor) and len(f) > 0):
-                        raise ValueError(f"{where}: {name}[{i}] should be empty (dim {i} is not preconditioned)")
-                    converted.append(reference.NOT_PRECONDITIONED)
-                else:
-                    converted.append(tensor(f"{name}[{i}]", f, (d, d)))
-                    if name == "Q":
-                        _check_orthonormal(converted[-1], f"{where}: Q[{i}]")
-            out[name] = converted
-        # The batched engine's private extras, when the checkpoint came from it.
-        extras = saved.get("GG_eigenbasis")
-        if self._engine is not None and isinstance(extras, (list, tuple)) and len(extras) == len(layout.preconditioned):
-            out["GG_eigenbasis"] = [
-                tensor(f"GG_eigenbasis[{i}]", f, (d, d)) if pre else reference.NOT_PRECONDITIONED
-                for i, (f, d, pre) in enumerate(zip(saved["GG_eigenbasis"], layout.work_shape, layout.preconditioned))
-            ]
-            counts = saved.get("Q_refreshes", [0] * len(layout.preconditioned))
-            out["Q_refreshes"] = [int(c) for c in counts]
+            out["exp_avg_sq"] = tensor("exp_avg_sq", saved["exp_avg_sq"], (_adafactor_numel(layout),))
+        out["Q"] = factors("Q", True)
+        if "GG" in saved:
+            out["GG"] = factors("GG", False)
+        # The batched engine's exact rotated-frame statistics, when the checkpoint came from it.
+        if "GG_eigenbasis" in saved and self._engine is not None:
+            out["GG_eigenbasis"] = factors("GG_eigenbasis", False)
+            counts = saved.get("Q_refreshes")
+            if counts is not None:
+                out["Q_refreshes"] = [int(c) for c in (counts.tolist() if isinstance(counts, Tensor) else counts)]
+        elif "GG" not in out:
+            out["GG"] = [NOT_PRECONDITIONED if len(q) == 0 else q @ b @ q.T
+                         for q, b in zip(out["Q"], factors("GG_eigenbasis", False))]
         return out
+
+
+def _soap_states(state: dict) -> dict[Tensor, dict]:
+    """The entries of ``opt.state`` that are SOAP parameter states (a hook may add others)."""
+    return {p: s for p, s in state.items() if isinstance(p, Tensor) and isinstance(s, dict) and "Q" in s}
+
+
+class _Validated:
+    """A validated per-parameter state on its way through ``Optimizer.load_state_dict`` (which
+    passes objects it does not know through unchanged)."""
+
+    __slots__ = ("state",)
+
+    def __init__(self, state: dict) -> None:
+        self.state = state
+
+
+def _adafactor_numel(layout: Layout) -> int:
+    work = layout.work_shape
+    return (work[0] if work else 1) + (math.prod(work[1:]) if len(work) > 1 else 1)
+
+
+def _to_reference_layout(state: dict) -> dict:
+    """A fresh copy of one parameter's state in the reference's layout: ``step`` an int, tensors
+    contiguous; an engine state gets ``GG = Q·GG_eigenbasis·Qᵀ`` and its counts as a list."""
+    out: dict[str, Any] = {}
+    for k, v in state.items():
+        if isinstance(v, Tensor) and k == "Q_refreshes":
+            out[k] = [int(c) for c in v.tolist()]
+        elif isinstance(v, Tensor):
+            out[k] = v.detach().clone()
+        elif isinstance(v, list):
+            out[k] = [x.detach().clone() if isinstance(x, Tensor) else x for x in v]
+        else:
+            out[k] = v
+    step = out["step"]
+    out["step"] = int(step.item()) if isinstance(step, Tensor) else int(step)
+    if "GG" not in out and "GG_eigenbasis" in out:
+        out["GG"] = [NOT_PRECONDITIONED if len(q) == 0 else q @ b @ q.T for q, b in zip(out["Q"], out["GG_eigenbasis"])]
+    return {k: out[k] for k in ("step", "exp_avg", "exp_avg_sq", "GG", "Q", *[k for k in out if k not in
+                                ("step", "exp_avg", "exp_avg_sq", "GG", "Q")])}
 
 
 def _check_orthonormal(q: Tensor, where: str) -> None:
@@ -785,20 +853,6 @@ def _check_orthonormal(q: Tensor, where: str) -> None:
     err = float((q64.T @ (q64 @ probe) - probe).abs().max() / probe.abs().max())
     if not err <= 1e-2:
         raise ValueError(f"{where} is not orthonormal (|QᵀQx − x| / |x| = {err:.2e}): a corrupted checkpoint?")
-
-
-def _copy_state(state: dict) -> dict:
-    out = {}
-    for k, v in state.items():
-        if isinstance(v, Tensor):
-            out[k] = v.detach().clone(memory_format=torch.contiguous_format)
-        elif isinstance(v, list):
-            out[k] = [x.detach().clone() if isinstance(x, Tensor) else x for x in v]
-        else:
-            out[k] = v
-    if isinstance(out.get("step"), Tensor):
-        out["step"] = int(out["step"].item())
-    return out
 
 
 def _selected(decision: bool | Tensor, k: int) -> bool:

@@ -1,4 +1,4 @@
-"""Preconditioner refresh schedules (DESIGN §4).
+"""Preconditioner refresh schedules (docs/DESIGN.md §4).
 
 A schedule decides, after the update of step ``t``, whether SOAP refreshes its eigenbasis.
 ``t`` counts optimizer updates, 1-based; the initialising first step does not count (as in the

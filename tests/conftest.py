@@ -148,3 +148,12 @@ def assert_lockstep(opt_ref: SOAP, opt_other: SOAP, dtype=torch.float32) -> None
 @pytest.fixture
 def deepcopy():
     return copy.deepcopy
+
+
+@pytest.fixture(autouse=True)
+def _restore_thread_count():
+    """Every test starts and ends with the process's intra-op thread count (some tests pin one
+    thread; a leaked setting changes other tests' GEMM bits)."""
+    threads = torch.get_num_threads()
+    yield
+    torch.set_num_threads(threads)

@@ -91,6 +91,7 @@ class FakeTimings:
         monkeypatch.setattr(lapack, "_choice", {})
         monkeypatch.delenv("SOAP_LAPACK_THREADS", raising=False)
         monkeypatch.delenv("SOAP_LAPACK_MULTITHREAD", raising=False)
+        monkeypatch.setenv("SOAP_LAPACK_SPLIT", "1")  # the split is opt-in (docs/DESIGN.md §7)
 
 
 def _calls(timings, n, x, want):

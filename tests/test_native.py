@@ -26,15 +26,19 @@ if not _native.available():
 # Kernel vs the fp32 PyTorch math, per parameter dtype (one table; state is always fp32).
 # fp32: the same formulas with the same roundings; torch's CPU sqrt on large tensors is MKL's, which
 # can be one ulp off the correctly rounded sqrt the kernels use, so not bitwise (measured: ≤ 2e-7).
+# Where the update cancels most of the parameter the result is small and one ulp of the operands
+# (values of order 1) is a large relative error: atol = two ulps at 1 (CI's machine: 4e-9 absolute,
+# 4.7e-6 relative on a parameter that came out near 1e-3).
 # bf16/fp16: the parameter is rounded once from fp32 math that can differ in its last bit, so a
 # result may land one ulp of the low-precision type away (rtol = 2^-(mantissa bits); atol covers
 # fp16 subnormals).
 TOLERANCE: dict[torch.dtype, dict[str, float]] = {
-    torch.float32: {"rtol": 1e-6, "atol": 0.0},
+    torch.float32: {"rtol": 1e-6, "atol": 2.0**-22},
     torch.bfloat16: {"rtol": 2.0**-7, "atol": 0.0},
     torch.float16: {"rtol": 2.0**-10, "atol": 2.0**-24},
 }
-STATE_TOLERANCE = TOLERANCE[torch.float32]
+# The moments do not cancel (lerp and a sum of squares): relative only.
+STATE_TOLERANCE = {"rtol": 1e-6, "atol": 0.0}
 
 DEVICES = [
     "cpu",

@@ -1,4 +1,4 @@
-"""The reference backend states DESIGN §1 literally: checked against an independent 2-D transcription."""
+"""The reference backend states docs/DESIGN.md §1 literally: checked against an independent 2-D transcription."""
 
 from __future__ import annotations
 

@@ -55,7 +55,8 @@ def test_adam_mode_differs_from_shampoo():
     """The same construction with Adam's full second moment is not Shampoo (the test can fail)."""
     torch.manual_seed(0)
     p = torch.nn.Parameter(torch.randn(6, 6))
-    opt = SOAP([p], lr=0.1, betas=(0.0, 0.0), shampoo_beta=0.0, eps=0.0, weight_decay=0.0, correct_bias=False,
+    # eps = 1e-30, not 0: a rotated entry that comes out exactly 0 would be 0/0 in Adam's division.
+    opt = SOAP([p], lr=0.1, betas=(0.0, 0.0), shampoo_beta=0.0, eps=1e-30, weight_decay=0.0, correct_bias=False,
                precondition_frequency=10**6, backend="reference")
     p.grad = torch.randn(6, 6)
     opt.step()

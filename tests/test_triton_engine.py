@@ -16,7 +16,7 @@ from conftest import (
 )
 
 from soap_kernels import SOAP
-from soap_kernels.ops import backend_available
+from soap_kernels.select import backend_available
 
 ok, why = backend_available("triton")
 pytestmark = pytest.mark.skipif(not ok, reason=f"Triton cannot run here: {why}")
@@ -99,14 +99,17 @@ def test_low_precision_rotations_track_reference(precision, case):
     assert err >= ROTATION_PRECISION_OVER_FP32 * floor
 
 
-def _run(params, shapes, steps, backend, kernels=None, skip=None, **opts):
-    """``steps`` SOAP steps; ``kernels`` overrides the engine's kernel mode before the first step
-    (``"measure"`` is what backend="auto" uses where compiled Triton runs: on a GPU)."""
+def _run(params, shapes, steps, backend, skip=None, measure=None, **opts):
+    """``steps`` SOAP steps. ``measure`` (a monkeypatch): backend="auto" as where compiled Triton
+    runs (on a GPU): each bucket measured through the Triton and the torch tables."""
     from conftest import grad_stream
 
+    from soap_kernels import select
+
+    if measure is not None:
+        measure.setattr(select, "auto_backend", lambda device: "triton")
+        backend = "auto"
     opt = SOAP(params, lr=3e-2, precondition_frequency=4, backend=backend, **opts)
-    if kernels is not None:
-        opt._engine.kernels = kernels
     for grads in grad_stream(shapes, steps, skip=skip):
         for p, g in zip(params, grads):
             p.grad = g
@@ -118,7 +121,7 @@ def _run(params, shapes, steps, backend, kernels=None, skip=None, **opts):
 def test_measured_choice_per_bucket_leaves_the_run_unchanged(monkeypatch, winner):
     """backend="auto" on a GPU times each bucket's update both ways on its own state, keeps the
     faster, and restores the state after timing: the run is bit for bit the run of the chosen path."""
-    from soap_kernels import engine
+    from soap_kernels import engine, select
 
     def fake_time(fn, device):  # the interpreter is always slower: fake the GPU's answer
         fn()
@@ -128,16 +131,16 @@ def test_measured_choice_per_bucket_leaves_the_run_unchanged(monkeypatch, winner
     real_update = engine.Bucket.update
 
     def spy_update(self, rows, grads, group):
-        _current[0] = self.kernels
+        _current[0] = self.kernels.name
         return real_update(self, rows, grads, group)
 
-    monkeypatch.setattr(engine, "time_update", fake_time)
+    monkeypatch.setattr(select, "time_call", fake_time)
     monkeypatch.setattr(engine.Bucket, "update", spy_update)
     shapes = [(6, 5), (6, 5), (7,), (4, 3)]
     # Step 0 initialises; at step 1 the (6, 5) bucket misses a gradient (measured later, at step 2).
     skip = lambda t, i: t == 1 and i == 0  # noqa: E731
     measured = make_params(shapes)
-    opt = _run(measured, shapes, 9, "triton", kernels="measure", skip=skip)
+    opt = _run(measured, shapes, 9, "triton", skip=skip, measure=monkeypatch)
     choices = opt.kernel_choices()
     assert [c["kernels"] for c in choices] == [winner] * len(choices)
     assert all(set(c["measured_ms"]) == {"triton", "torch"} for c in choices)
@@ -160,16 +163,16 @@ def test_auto_measures_only_where_compiled_triton_runs():
 
 
 def test_measured_choice_falls_back_to_torch_when_triton_fails(monkeypatch):
-    from soap_kernels import triton as tk
+    from soap_kernels.triton import rotate
 
     def broken(*args, **kwargs):
         raise RuntimeError("compile error (simulated)")
 
-    monkeypatch.setattr(tk, "rotate_in_adam", broken)
+    monkeypatch.setattr(rotate, "rotate_in_adam", broken)
     shapes = [(6, 5), (6, 5)]
     measured = make_params(shapes)
-    with pytest.warns(RuntimeWarning, match="Triton kernels failed"):
-        opt = _run(measured, shapes, 6, "triton", kernels="measure")
+    with pytest.warns(RuntimeWarning, match="(?i)triton kernels failed"):
+        opt = _run(measured, shapes, 6, "triton", measure=monkeypatch)
     assert [c["kernels"] for c in opt.kernel_choices()] == ["torch"]
     plain = make_params(shapes)
     _run(plain, shapes, 6, "torch")
