@@ -9,7 +9,7 @@ Implementations, all on the same tensors:
 - ``triton``: ``soap_kernels.triton.adam_step`` (one launch for the whole list, CUDA);
 - ``native``: ``soap_kernels._native.adam_step`` (the compiled extension, when built);
 - ``adamw-fused`` / ``adamw-foreach``: ``torch.optim.AdamW(fused=True)`` / ``(foreach=True)``
-  (decoupled decay order differs; the same memory traffic), the yardstick of DESIGN §6.
+  (decoupled decay order differs; the same memory traffic), the yardstick of docs/DESIGN.md §6.
 
 Bytes per element (fp32 parameters): 28 (read p, g, m, v; write p, m, v). The ceiling is the
 copy bandwidth measured in the same run (``%bw``).

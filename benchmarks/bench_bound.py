@@ -1,6 +1,6 @@
 """A measured lower bound of the ``torch`` engine's amortized SOAP step.
 
-The engine cannot do less than the BLAS/LAPACK calls of DESIGN §2: per step the lean GEMMs (rotate
+The engine cannot do less than the BLAS/LAPACK calls of docs/DESIGN.md §2: per step the lean GEMMs (rotate
 in, rotate back, statistics: ``6·m·n·(m+n)`` FLOPs per two-sided matrix), and per refresh one
 Householder QR per factor (``geqrf`` + ``orgqr`` through ``soap_kernels.lapack``, run the way its
 calibration picked), ``Q·Q_m``, the blocked ``R·Q_m`` and the re-expression of ``exp_avg``. This

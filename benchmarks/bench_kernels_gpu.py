@@ -240,7 +240,7 @@ def bench_adam_step() -> list[dict]:
     r = row("adam_step(bf16 p)", f"{len(shapes)} tensors, {numel} elems", "fp32", ms, 12 * numel, ms_torch, None, numel * 22)
     report(r)
     out = [r]
-    if not ARGS.dry_run:  # fused AdamW on the same tensors: the yardstick DESIGN §6 names
+    if not ARGS.dry_run:  # fused AdamW on the same tensors: the yardstick docs/DESIGN.md §6 names
         fp = [torch.nn.Parameter(p.float()) for p in params]
         for p, g in zip(fp, grads):
             p.grad = g.float()

@@ -4,7 +4,7 @@ here, and optionally the paper authors' soap.py, in one run on the same paramete
 Reports per optimizer the median step and p20/p80, the medians of the steps between refreshes and
 of the refresh steps, the step amortized over whole refresh cycles (refresh steps included), the
 worst step, ratios measured in the same run (× AdamW(fused=True), speed-up over the reference),
-achieved TFLOP/s against DESIGN §2's lean FLOP model, the share of the fp32 matmul rate measured in
+achieved TFLOP/s against docs/DESIGN.md §2's lean FLOP model, the share of the fp32 matmul rate measured in
 the same run, the lean-FLOP floor, and optimizer-state bytes per parameter.
 
     python benchmarks/bench_step.py                          # CPU set (d 256, 6 layers, vocab 16384)
@@ -14,7 +14,7 @@ the same run, the lean-FLOP floor, and optimizer-state bytes per parameter.
 
 ``--optimizers`` (default ``auto``: everything that can run here): ``adamw`` (fused=True),
 ``adamw-foreach``, ``reference``, ``torch``, ``triton`` (``triton-tf32``, ``triton-bf16``: rotation
-GEMM precision), ``cuda``, ``auto`` (SOAP's own choice), ``upstream`` (needs ``--upstream``).
+GEMM precision), ``auto`` (SOAP's own choice), ``upstream`` (needs ``--upstream``).
 ``--peers`` adds the other SOAP implementations, built only through ``python/lm/peers.py``:
 HeavyBall's ``SOAP`` (``heavyball_soap``, timed as a user gets it: with its default ``compile``
 mode, which on the CPU means TorchInductor generates C++/OpenMP kernels during the first steps —

@@ -45,7 +45,7 @@ PRESETS = {
     "tiny": (64, 2, 1000, 64),
 }
 
-SOAP_BACKENDS = ("reference", "torch", "triton", "cuda")
+SOAP_BACKENDS = ("reference", "torch", "triton")
 
 
 # ------------------------------------------------------------------------------------ shapes
@@ -143,7 +143,7 @@ def factor_sizes(shapes: Sequence[Sequence[int]], max_precond_dim: int = MAX_PRE
 
 # ------------------------------------------------------------------------------------ FLOP model
 def lean_flops(shapes, max_precond_dim: int = MAX_PRECOND_DIM, precondition_1d: bool = False) -> int:
-    """DESIGN §2's per-step FLOPs of the lean engine (6·m·n·(m+n) for a two-sided m×n matrix)."""
+    """docs/DESIGN.md §2's per-step FLOPs of the lean engine (6·m·n·(m+n) for a two-sided m×n matrix)."""
     total = 0
     for s in shapes:
         layout = make_layout(s, max_precond_dim=max_precond_dim, merge_dims=False,
@@ -187,18 +187,10 @@ def native_status() -> tuple[bool, str]:
 
 
 def backend_available(name: str) -> tuple[bool, str]:
-    """``soap_kernels``' own answer to whether backend ``name`` can run here (public in
-    ``soap_kernels.select`` after the redesign of issue 13, in ``soap_kernels.ops`` before)."""
-    import importlib
+    """``soap_kernels``' own answer to whether backend ``name`` can run here."""
+    from soap_kernels.select import backend_available as available
 
-    for module in ("soap_kernels.select", "soap_kernels.ops"):
-        try:
-            fn = getattr(importlib.import_module(module), "backend_available", None)
-        except ImportError:
-            continue
-        if fn is not None:
-            return fn(name)
-    return False, "soap_kernels has no backend_available()"
+    return available(name)
 
 
 def soap_backends(device: torch.device, wanted: Sequence[str] | None = None) -> tuple[list[str], dict[str, str]]:
@@ -648,5 +640,5 @@ def orthonormal(batch: int, d: int, device: torch.device, generator: torch.Gener
     from soap_kernels import lapack
 
     x = torch.randn(batch, d, d, generator=generator).to(device)
-    q, _ = lapack.qr(x)  # CPU: at the thread count that measured fastest (DESIGN §6)
+    q, _ = lapack.qr(x)  # CPU: at the thread count that measured fastest (docs/DESIGN.md §6)
     return q.contiguous()

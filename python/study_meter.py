@@ -82,7 +82,7 @@ class RefreshMeter:
 def engine_refresh_count(optimizer: SOAP) -> int | None:
     """Factor refreshes as the engine's own per-(dim, row) counters see them (a cross-check of the
     meter), or None when the optimizer has no batched engine."""
-    engine = getattr(optimizer, "_engine", None)
-    if engine is None:
+    buckets = optimizer.buckets_info()
+    if not buckets:
         return None
-    return sum(sum(counts) for _, bucket in engine.buckets for counts, q in zip(bucket.refresh_count, bucket.q) if q is not None)
+    return sum(b["refreshes"] for b in buckets)
