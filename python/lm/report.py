@@ -100,8 +100,9 @@ def _fmt(value: float | None, spec: str, missing: str = "not reached") -> str:
 def format_table(summary: dict) -> str:
     target = summary["target_val_loss"]
     ref = summary["reference"]
+    width = max([9, *map(len, summary["optimizers"])])  # peers have long names
     header = (
-        f"{'optimizer':<9} {'best lr':>8} {'final val':>15} {'steps to':>11} {'x ' + ref:>8} "
+        f"{'optimizer':<{width}} {'best lr':>8} {'final val':>15} {'steps to':>11} {'x ' + ref:>8} "
         f"{'time to':>11} {'x ' + ref:>8} {'train s':>8} {'ms/step':>8} {'opt share':>9} "
         f"{'state MB':>8} {'peak MB':>8}"
     )
@@ -114,10 +115,10 @@ def format_table(summary: dict) -> str:
     for name, e in summary["optimizers"].items():
         if e.get("best_lr") is None:
             why = "; ".join(e["errors"]) or ", ".join(e["statuses"]) or "no runs"
-            lines.append(f"{name:<9} {'-':>8} failed: {why[:150]}")
+            lines.append(f"{name:<{width}} {'-':>8} failed: {why[:150]}")
             continue
         lines.append(
-            f"{name:<9} {e['best_lr']:>8.2g} "
+            f"{name:<{width}} {e['best_lr']:>8.2g} "
             f"{e['final_val_loss']:>8.4f}±{e['final_val_loss_std']:<6.4f} "
             f"{_fmt(e.get('steps_to_target'), '.1f'):>11} {_fmt(e.get('steps_ratio'), '.3f', '-'):>8} "
             f"{_fmt(e.get('time_to_target_s'), '.1f'):>11} {_fmt(e.get('time_ratio'), '.3f', '-'):>8} "
