@@ -18,6 +18,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "python"))
 
 import train_lm  # noqa: E402
 from lm import CharCorpus, load_text  # noqa: E402
+from lm import checkpoint as ckpt  # noqa: E402
 from lm.report import first_crossing  # noqa: E402
 
 
@@ -157,3 +158,35 @@ def test_corpus_any_utf8_file(tmp_path: Path, suffix: str) -> None:
     assert x.shape == y.shape == (3, 8) and torch.equal(x[:, 1:], y[:, :-1])
     val = corpus.val_batches(2, 3, 8)
     assert len(val) == 2 and val[0][0].shape == (3, 8)
+
+
+# ------------------------------------------------------------------------------------ checkpoint
+def test_atomic_save_keeps_the_old_file(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    path = tmp_path / "state.pt"
+    ckpt.atomic_save({"format": ckpt.FORMAT, "n": 1}, path)
+
+    def failing_replace(src, dst):
+        raise OSError("simulated crash before the rename")
+
+    monkeypatch.setattr(os, "replace", failing_replace)
+    with pytest.raises(OSError, match="before the rename"):
+        ckpt.atomic_save({"format": ckpt.FORMAT, "n": 2}, path)
+    monkeypatch.undo()
+    assert ckpt.load(path)["n"] == 1
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["state.pt"]
+    ckpt.atomic_save({"format": ckpt.FORMAT, "n": 3}, path)
+    assert ckpt.load(path)["n"] == 3
+    torch.save({"format": 99}, path)
+    with pytest.raises(ValueError, match="format"):
+        ckpt.load(path)
+
+
+def test_rng_state_round_trip(tmp_path: Path) -> None:
+    import random
+
+    np = pytest.importorskip("numpy")
+    ckpt.atomic_save({"format": ckpt.FORMAT, "rng": ckpt.rng_state()}, tmp_path / "rng.pt")
+    first = (torch.rand(3), random.random(), np.random.rand(3))
+    ckpt.set_rng_state(ckpt.load(tmp_path / "rng.pt")["rng"])  # through the file: weights_only loads it
+    assert torch.equal(torch.rand(3), first[0]) and random.random() == first[1]
+    assert (np.random.rand(3) == first[2]).all()
