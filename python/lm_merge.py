@@ -21,10 +21,11 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from lm.report import format_table, plot_curves, summarize  # noqa: E402
-from train_lm import OPTIMIZERS  # noqa: E402
+from train_lm import ALL_OPTIMIZERS  # noqa: E402
 
 # config keys that may differ between the merged invocations
-PER_INVOCATION = {"seeds", "lr_grid", "optimizers", "threads", "lapack_threads"}
+PER_INVOCATION = {"seeds", "lr_grid", "optimizers", "threads", "lapack_threads", "checkpoint_every",
+                  "peers", "skipped_peers", "upstream_soap"}
 
 
 def merge(results: list[dict]) -> dict:
@@ -46,13 +47,14 @@ def merge(results: list[dict]) -> dict:
                 seen.add(key)
                 runs.append(run)
     present = {run["optimizer"] for run in runs}
-    optimizers = [name for name in OPTIMIZERS if name in present]
+    optimizers = [name for name in ALL_OPTIMIZERS if name in present]
     summary = summarize(runs, optimizers)
     config = dict(results[0]["config"])
     config.update(
         optimizers=optimizers,
         seeds=sorted({run["seed"] for run in runs}),
         lr_grid={name: sorted({run["lr"] for run in runs if run["optimizer"] == name}) for name in optimizers},
+        peers={k: v for r in results for k, v in r["config"].get("peers", {}).items() if k in optimizers},
     )
     return {
         "date": datetime.datetime.now().astimezone().isoformat(timespec="seconds"),

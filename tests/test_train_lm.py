@@ -1,4 +1,5 @@
-"""python/train_lm.py: the tiny preset end to end (results.json, the plot), and its helpers."""
+"""python/train_lm.py: the tiny preset end to end (results.json, the plot), peers, schedules,
+checkpoint/resume (bit for bit, crash-safe), and its helpers."""
 
 from __future__ import annotations
 
@@ -17,7 +18,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "python"))
 
 import train_lm  # noqa: E402
-from lm import CharCorpus, load_text  # noqa: E402
+from lm import CharCorpus, load_text, peers  # noqa: E402
 from lm import checkpoint as ckpt  # noqa: E402
 from lm.report import first_crossing  # noqa: E402
 
@@ -160,7 +161,221 @@ def test_corpus_any_utf8_file(tmp_path: Path, suffix: str) -> None:
     assert len(val) == 2 and val[0][0].shape == (3, 8)
 
 
-# ------------------------------------------------------------------------------------ checkpoint
+# ------------------------------------------------------------------------------------------ peers
+def peer_skip_reason(name: str) -> str | None:
+    """Why the peer ``name`` cannot run here (``pytest.importorskip`` for the installed ones,
+    ``$UPSTREAM_SOAP``, the path of the authors' soap.py, for upstream_soap), or None."""
+    if name == "upstream_soap":
+        path = os.environ.get("UPSTREAM_SOAP")
+        ok, why = peers.peer_available(name, path)
+        return None if ok else f"set UPSTREAM_SOAP to the authors' soap.py to run this ({why})"
+    pytest.importorskip({"heavyball_soap": "heavyball", "pytorch_optimizer_soap": "pytorch_optimizer"}[name])
+    return None
+
+
+def peer_args(name: str) -> list[str]:
+    return ["--upstream-soap", os.environ["UPSTREAM_SOAP"]] if name == "upstream_soap" else []
+
+
+@pytest.mark.parametrize("name", peers.PEERS)
+def test_peer_tiny_smoke(tmp_path: Path, name: str) -> None:
+    reason = peer_skip_reason(name)
+    if reason:
+        pytest.skip(reason)
+    results = run_tiny(tmp_path, "--optimizers", f"adamw,{name}", "--steps", "3", *peer_args(name))
+    check_runs_finite(results, "adamw")
+    check_runs_finite(results, name)
+    # Built with soap's hyperparameters and, without a grid of its own, soap's LR grid.
+    assert results["config"]["lr_grid"][name] == [train_lm.PRESETS["tiny"].lr["soap"]]
+    assert name in results["config"]["peers"] and name in results["table"]
+    run = next(r for r in results["runs"] if r["optimizer"] == name)
+    assert run["optimizer_state_bytes"] > 0 and run["schedule"] is None
+
+
+def test_peer_gets_soap_hyperparameters(monkeypatch: pytest.MonkeyPatch) -> None:
+    seen = {}
+
+    def fake_make_peer(name, params, **kwargs):
+        seen.update(kwargs, name=name)
+        return torch.optim.SGD(params, lr=kwargs["lr"])
+
+    monkeypatch.setattr(train_lm.peers, "make_peer", fake_make_peer)
+    args = ["--preset", "tiny", "--betas", "0.9,0.99", "--shampoo-beta", "0.9", "--eps", "1e-7", "--weight-decay",
+            "0.2", "--precondition-frequency", "7", "--max-precond-dim", "64", "--merge-dims",
+            "--upstream-soap", "/x/soap.py"]  # fmt: skip
+    config = train_lm.resolve_config(train_lm.build_parser().parse_args(args))
+    train_lm.make_optimizer("upstream_soap", [torch.nn.Parameter(torch.zeros(2))], 0.01, config)
+    assert seen == {"name": "upstream_soap", "lr": 0.01, "betas": (0.9, 0.99), "shampoo_beta": 0.9, "eps": 1e-7,
+                    "weight_decay": 0.2, "precondition_frequency": 7, "max_precond_dim": 64, "merge_dims": True,
+                    "upstream_path": "/x/soap.py"}  # fmt: skip
+
+
+def test_absent_peer(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
+    def absent(name):
+        raise ImportError(f"No module named {name!r} (simulated)")
+
+    monkeypatch.setattr(train_lm.peers, "_import", absent)
+    out = tmp_path / "out"
+    # Named explicitly: an error with the install command, before any training.
+    with pytest.raises(SystemExit, match="pip install --no-deps heavyball"):
+        train_lm.main(["--preset", "tiny", "--no-progress", "--out", str(out), "--optimizers", "adamw,heavyball_soap"])
+    assert not out.exists()
+    with pytest.raises(SystemExit, match="--upstream-soap PATH"):
+        train_lm.main(["--preset", "tiny", "--no-progress", "--out", str(out), "--optimizers", "upstream_soap"])
+    # Through the 'peers' alias: skipped with the same message, the others run.
+    results = run_tiny(tmp_path, "--optimizers", "adamw,peers", "--steps", "2")
+    assert results["config"]["optimizers"] == ["adamw"]
+    assert set(results["config"]["skipped_peers"]) == set(peers.PEERS)
+    assert peers.INSTALL in results["config"]["skipped_peers"]["heavyball_soap"]
+    assert "skipping heavyball_soap: heavyball_soap: heavyball is not installed" in capsys.readouterr().err
+
+
+def test_lr_grid_for_peers() -> None:
+    args = train_lm.build_parser().parse_args(
+        ["--optimizers", "soap,pytorch_optimizer_soap", "--lr-grid", "soap=1e-3,2e-3", "heavyball_soap=5e-3"]
+    )
+    assert dict(args.lr_grid) == {"soap": [1e-3, 2e-3], "heavyball_soap": [5e-3]}
+    names, _, _ = train_lm.resolve_optimizers("adamw,peers,adamw", None)
+    assert names[0] == "adamw" and names.count("adamw") == 1
+
+
+# --------------------------------------------------------------------------------------- schedule
+def test_schedule_option() -> None:
+    schedules = pytest.importorskip("soap_kernels.schedules")
+    parse = train_lm.parse_schedule
+    assert repr(parse("Staggered:10")) == repr(schedules.Staggered(10))
+    assert repr(parse("staggered:every=4,blocks=[2,2]")) == repr(schedules.Staggered(4, blocks=[2, 2]))
+    assert repr(parse("Doubling:start=2,clip=16")) == repr(schedules.Doubling(2, 16))
+    assert repr(parse("Doubling:2,clip=None")) == repr(schedules.Doubling(2, None))
+    assert repr(parse("Budgeted:2,by=flops,min_drift=0.1")) == repr(schedules.Budgeted(2, by="flops", min_drift=0.1))
+    assert repr(parse("Constant")) == repr(schedules.Constant())
+    with pytest.raises(argparse.ArgumentTypeError, match="choose from Constant, Doubling, .*Staggered"):
+        parse("Sometimes:3")
+    with pytest.raises(argparse.ArgumentTypeError, match=r"Staggered\(every=10, blocks=None\)"):
+        parse("Staggered:0")
+    with pytest.raises(argparse.ArgumentTypeError, match="after key=value"):
+        parse("Doubling:start=2,16")
+    # Unknown names are an argparse error (exit 2) listing the choices.
+    with pytest.raises(SystemExit) as exit_info:
+        train_lm.build_parser().parse_args(["--schedule", "Sometimes"])
+    assert exit_info.value.code == 2
+
+
+@pytest.mark.parametrize("schedule", ["LossThreshold:0.01"])  # Staggered: test_resume_with_schedule
+def test_schedule_tiny(tmp_path: Path, schedule: str) -> None:
+    reason = soap_skip_reason("adam")
+    if reason:
+        pytest.skip(reason)
+    results = run_tiny(tmp_path, "--optimizers", "adamw,soap", "--schedule", schedule)
+    check_runs_finite(results, "soap")
+    assert results["config"]["schedule"] == schedule
+    assert [r["schedule"] for r in results["runs"]] == [None, schedule]
+
+
+# ---------------------------------------------------------------------------- checkpoint / resume
+CURVE_KEYS = ("status", "steps_done", "train_loss", "eval_steps", "val_loss")
+
+
+def curves(results: dict) -> list[tuple]:
+    return [
+        tuple(str(run[k]) for k in ("optimizer", "lr", "seed")) + tuple(repr(run[k]) for k in CURVE_KEYS)
+        for run in results["runs"]
+    ]
+
+
+def tiny_args(out: Path, optimizers: str, *extra: str) -> list[str]:
+    # --lapack-threads 1: soap_kernels' default choice between one thread and the batch split is
+    # not bit-identical for every matrix size (83, the tiny vocabulary, differs), so without it two
+    # uninterrupted runs can already differ in the last bits. --precondition-frequency 2: refreshes
+    # before and after the resumed step. --threads 1: tiny ops, and a busy machine does not slow
+    # the test down by much (two threads spin waiting for each other there).
+    return ["--preset", "tiny", "--no-progress", "--out", str(out), "--optimizers", optimizers, "--lapack-threads", "1",
+            "--threads", "1", "--precondition-frequency", "2", *extra]  # fmt: skip
+
+
+def interrupted_then_resumed(tmp_path: Path, optimizers: str, stops: list[int], *extra: str) -> dict:
+    """Run with checkpoints every 2 steps, stopped after ``stops[0]`` steps, resumed and stopped
+    again after ``stops[1]`` steps of that session, ..., then resumed to the end."""
+    out = tmp_path / "interrupted"
+    args = tiny_args(out, optimizers, *extra)
+    for i, stop in enumerate(stops):
+        before = json.loads((out / "results.json").read_text())["runs"] if (out / "results.json").exists() else []
+        again = ["--resume", str(out)] if i else ["--checkpoint-every", "2"]
+        with pytest.raises(SystemExit, match=f"stopped after {stop} steps"):
+            train_lm.main([*args, *again, "--stop-after-steps", str(stop)])
+        after = json.loads((out / "results.json").read_text())["runs"] if (out / "results.json").exists() else []
+        assert after[: len(before)] == before  # finished runs are kept, not run again
+    resumed = train_lm.main([*args, "--resume", str(out)])
+    assert resumed["complete"] and len(resumed["earlier_commands"]) == len(stops)
+    return resumed
+
+
+def test_resume_is_bit_identical(tmp_path: Path) -> None:
+    """adamw, soap, shampoo, each interrupted one step past a checkpoint (at step 3) and resumed."""
+    for second_moment in ("adam", "adafactor"):
+        reason = soap_skip_reason(second_moment)
+        if reason:
+            pytest.skip(reason)
+    uninterrupted = train_lm.main(tiny_args(tmp_path / "whole", "adamw,soap,shampoo"))
+    steps = uninterrupted["config"]["steps"]
+    # Session 1 stops in adamw's run at step 3; session 2 resumes it at 2 and stops in soap's at 3, ...
+    resumed = interrupted_then_resumed(tmp_path, "adamw,soap,shampoo", [3, steps + 1, steps + 1])
+    print(*curves(uninterrupted), *curves(resumed), sep="\n")
+    assert curves(resumed) == curves(uninterrupted)
+    assert [run["resumed_at_steps"] for run in resumed["runs"]] == [[2], [2], [2]]
+
+
+def test_resume_with_schedule(tmp_path: Path) -> None:
+    """The schedule's state (Staggered's phases) is saved with SOAP's state_dict and resumed."""
+    reason = soap_skip_reason("adam")
+    if reason:
+        pytest.skip(reason)
+    extra = ("--schedule", "Staggered:3")
+    uninterrupted = train_lm.main(tiny_args(tmp_path / "whole", "soap", *extra))
+    resumed = interrupted_then_resumed(tmp_path, "soap", [5], *extra)
+    assert curves(resumed) == curves(uninterrupted)
+    assert resumed["runs"][0]["resumed_at_steps"] == [4] and resumed["config"]["schedule"] == "Staggered:3"
+
+
+def test_resume_peers(tmp_path: Path) -> None:
+    """Every peer that runs here, in one invocation: stopped in the last one's run, resumed."""
+    names = [name for name in peers.PEERS if peers.peer_available(name, os.environ.get("UPSTREAM_SOAP"))[0]]
+    if not names:
+        pytest.skip(f"no peer runs here (install them with {peers.INSTALL}; UPSTREAM_SOAP for the authors' soap.py)")
+    extra = peer_args("upstream_soap") if "upstream_soap" in names else []
+    uninterrupted = train_lm.main(tiny_args(tmp_path / "whole", ",".join(names), *extra))
+    stop = uninterrupted["config"]["steps"] * (len(names) - 1) + 5
+    resumed = interrupted_then_resumed(tmp_path, ",".join(names), [stop], *extra)
+    assert curves(resumed) == curves(uninterrupted)
+    assert [run["resumed_at_steps"] for run in resumed["runs"]] == [[]] * (len(names) - 1) + [[4]]
+
+
+def test_crash_while_writing_a_checkpoint(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    uninterrupted = train_lm.main(tiny_args(tmp_path / "whole", "adamw"))
+    out = tmp_path / "crashed"
+    real_save = torch.save
+    calls = []
+
+    def crashing_save(obj, f, *args, **kwargs):
+        calls.append(obj["current"]["step"] if obj["current"] else None)
+        if len(calls) == 2:  # the checkpoint of step 4: half a file, then the crash
+            f.write(b"PK\x03\x04 torn")
+            raise OSError("simulated crash while writing")
+        return real_save(obj, f, *args, **kwargs)
+
+    monkeypatch.setattr(torch, "save", crashing_save)
+    with pytest.raises(train_lm.CheckpointError, match="simulated crash"):
+        train_lm.main(tiny_args(out, "adamw", "--checkpoint-every", "2"))
+    monkeypatch.setattr(torch, "save", real_save)
+    assert calls == [2, 4]
+    assert [p.name for p in out.iterdir() if p.name.endswith(".tmp")] == []  # the torn file is gone
+    assert ckpt.load(out / train_lm.CHECKPOINT)["current"]["step"] == 2  # the previous one is whole
+    (out / ".checkpoint.pt.killed.tmp").write_bytes(b"a writer killed mid-way leaves this")  # ignored
+    resumed = train_lm.main([*tiny_args(out, "adamw"), "--resume", str(out)])
+    assert curves(resumed) == curves(uninterrupted)
+    assert resumed["runs"][0]["resumed_at_steps"] == [2]
+
+
 def test_atomic_save_keeps_the_old_file(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     path = tmp_path / "state.pt"
     ckpt.atomic_save({"format": ckpt.FORMAT, "n": 1}, path)
@@ -190,3 +405,15 @@ def test_rng_state_round_trip(tmp_path: Path) -> None:
     ckpt.set_rng_state(ckpt.load(tmp_path / "rng.pt")["rng"])  # through the file: weights_only loads it
     assert torch.equal(torch.rand(3), first[0]) and random.random() == first[1]
     assert (np.random.rand(3) == first[2]).all()
+
+
+def test_resume_refuses_other_options(tmp_path: Path) -> None:
+    out = tmp_path / "out"
+    with pytest.raises(SystemExit, match="no checkpoint.pt"):
+        train_lm.main(["--preset", "tiny", "--resume", str(out)])
+    with pytest.raises(SystemExit, match="stopped after 2 steps"):
+        train_lm.main(tiny_args(out, "adamw", "--checkpoint-every", "2", "--stop-after-steps", "2"))
+    with pytest.raises(SystemExit, match=r"steps: 6 then, 8 now"):
+        train_lm.main([*tiny_args(out, "adamw", "--steps", "8"), "--resume", str(out)])
+    with pytest.raises(SystemExit, match="drop --out"):
+        train_lm.main(["--preset", "tiny", "--resume", str(out), "--out", str(tmp_path / "elsewhere")])
