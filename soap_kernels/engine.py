@@ -431,10 +431,6 @@ class BatchedEngine:
         bucket, row = self.where[p]
         return bucket.row_state(row) if bucket.initialized[row] else None
 
-    def export_state(self) -> dict[Tensor, dict]:
-        """Every initialised parameter's state as live views (see :meth:`Bucket.row_state`)."""
-        return {p: b.row_state(r) for p, (b, r) in self.where.items() if b.initialized[r]}
-
     def step(self, param_groups: list[dict], owns: Callable[[Bucket], bool] | None = None,
              ) -> tuple[list[Tensor], list[tuple[Bucket, list[int]]]]:
         """Initialise or update every parameter that has a gradient (``owns``: only the buckets it
