@@ -409,38 +409,46 @@ class BatchedEngine:
     def build(self, param_groups: list[dict], layout_of: Callable[[Tensor, dict], Layout],
               states: dict[Tensor, dict]) -> None:
         """(Re)build buckets; ``states`` holds validated state to import, by parameter."""
-        self.buckets = []
-        self.where = {}
+        self.clear()
         for gi, group in enumerate(param_groups):
             by_key: dict[tuple, list[Tensor]] = {}
             for p in group["params"]:
                 by_key.setdefault(bucket_key(p, layout_of(p, group)), []).append(p)
-            for (layout, dtype, device), params in by_key.items():
-                table, measure = select.select(self.backend, layout, self.second_moment, state_dtype(dtype), device,
-                                               self.precision)
-                bucket = Bucket(params, layout, self.second_moment, table, measure)
-                bucket.workspace_pool = self.workspace_pool
-                bucket.on_failure = self.on_failure
-                for row, p in enumerate(params):
-                    self.where[p] = (bucket, row)
-                    if states.get(p):
-                        bucket.import_row(row, states[p])
-                self.buckets.append((gi, bucket))
+            for (layout, _, _), params in by_key.items():
+                self.add_bucket(gi, params, layout, states)
+
+    def clear(self) -> None:
+        self.buckets = []
+        self.where = {}
+
+    def add_bucket(self, gi: int, params: list[Tensor], layout: Layout, states: dict[Tensor, dict],
+                   on_failure: FailureHook | None = None) -> Bucket:
+        """One bucket of ``params`` (same layout, dtype and device) of param group ``gi``, its table
+        chosen by :func:`select.select`; rows with an entry in ``states`` import it. ``on_failure``
+        replaces the engine's failure hook for this bucket."""
+        first = params[0]
+        table, measure = select.select(self.backend, layout, self.second_moment, state_dtype(first.dtype),
+                                       first.device, self.precision)
+        bucket = Bucket(params, layout, self.second_moment, table, measure)
+        bucket.workspace_pool = self.workspace_pool
+        bucket.on_failure = self.on_failure if on_failure is None else on_failure
+        for row, p in enumerate(params):
+            self.where[p] = (bucket, row)
+            if states.get(p):
+                bucket.import_row(row, states[p])
+        self.buckets.append((gi, bucket))
+        return bucket
 
     def live_state(self, p: Tensor) -> dict | None:
         bucket, row = self.where[p]
         return bucket.row_state(row) if bucket.initialized[row] else None
 
-    def step(self, param_groups: list[dict], owns: Callable[[Bucket], bool] | None = None,
-             ) -> tuple[list[Tensor], list[tuple[Bucket, list[int]]]]:
-        """Initialise or update every parameter that has a gradient (``owns``: only the buckets it
-        accepts, see :mod:`soap_kernels.distributed`). Returns the parameters initialised this step
-        and, per bucket, the rows updated."""
+    def step(self, param_groups: list[dict]) -> tuple[list[Tensor], list[tuple[Bucket, list[int]]]]:
+        """Initialise or update every parameter of the buckets that has a gradient. Returns the
+        parameters initialised this step and, per bucket, the rows updated."""
         initialized: list[Tensor] = []
         updated: list[tuple[Bucket, list[int]]] = []
         for gi, bucket in self.buckets:
-            if owns is not None and not owns(bucket):
-                continue
             group = param_groups[gi]
             new = [(r, p.grad) for r, p in enumerate(bucket.params) if p.grad is not None and not bucket.initialized[r]]
             old = [(r, p.grad) for r, p in enumerate(bucket.params) if p.grad is not None and bucket.initialized[r]]
