@@ -1,7 +1,9 @@
 """SOAP on ``torch.distributed``: DDP and FSDP2 work sharding (docs/DESIGN.md §5).
 
 :class:`ShardedSOAP` is :class:`~soap_kernels.SOAP` (same arguments, same math, same state layout)
-that splits the optimizer work over the ranks of a process group.
+that splits the optimizer work over the ranks of a process group: SOAP holding a :class:`Sharded`
+placement (:mod:`soap_kernels.placement`), which owns everything below; the optimizer's own code
+is the single-process code.
 
 **Ownership.** The parameters form the engine's buckets (one per param group and equal working
 layout, dtype and device, exactly as a single process forms them). Each bucket goes whole to one
@@ -35,7 +37,7 @@ the sharded path, its gradient) in ``comm_dtype`` instead; every rank, the owner
 the rounded update, so replicas still agree, but the trajectory departs from a single process's.
 
 **One decision everywhere.** SOAP's non-finite check (``nonfinite="raise"``/``"skip"``) reduces
-each rank's flag with an ``all_reduce`` (MAX) in :meth:`ShardedSOAP._nonfinite_step`, so a NaN on
+each rank's flag with an ``all_reduce`` (MAX) in :meth:`Sharded.any_nonfinite`, so a NaN on
 one rank makes every rank raise, or skip, the same step. Then one small ``all_reduce`` (float64)
 carries the loss (loss-driven schedules see the mean over ranks) and which parameters have a
 gradient on every rank (only those are stepped, so every rank knows which parameters are
@@ -78,12 +80,13 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
-from . import ops, select
-from .engine import NOT_PRECONDITIONED, Bucket, bucket_key, state_dtype
+from . import ops
+from .engine import NOT_PRECONDITIONED, Bucket, bucket_key
 from .layout import Layout
-from .optimizer import SOAP, _refresh_cost, _selected, _soap_states, _to_reference_layout
+from .optimizer import SOAP
+from .placement import Factor, Placement, StepTraffic, soap_states, to_reference_layout
 
-__all__ = ["ShardedSOAP", "bucket_cost", "assign_owners", "string_keys", "ELEMENTWISE_FLOPS"]
+__all__ = ["ShardedSOAP", "Sharded", "bucket_cost", "assign_owners", "string_keys", "ELEMENTWISE_FLOPS"]
 
 # Elementwise work per element and step that the GEMM model leaves out: the two moment updates,
 # the square root, the division and the parameter update (about a dozen flops). It keeps
@@ -183,54 +186,37 @@ class _Packer:
         return buffer[offset:offset + size].view(dtype).view(shape)
 
 
-class ShardedSOAP(SOAP):
-    """SOAP with its work split over the ranks of a process group (DDP and FSDP2); see the module
-    docstring for the design.
+class Sharded(Placement):
+    """The placement of :class:`ShardedSOAP` (the module docstring has the design): bucket
+    ownership over the ranks of ``group``, the gathers and scatters around the engine, and the
+    collective decisions (which parameters are stepped, the loss, non-finite gradients, drift,
+    the full state of a checkpoint)."""
 
-    Args: every argument of :class:`~soap_kernels.SOAP`, and (keyword-only)
-        process_group: the group to shard over; ``None`` means the device mesh's group for DTensor
-            parameters, else the default group. Without an initialised process group the optimizer
-            runs alone.
-        comm_dtype: wire dtype for updates and gradients. Parameters whose dtype it holds exactly
-            (the default fp32 holds fp32, bf16 and fp16) travel as values, bit for bit; for the
-            others the update travels rounded to ``comm_dtype`` and every rank applies it.
-
-    ``step`` and ``state_dict`` are collective: every rank calls them (``load_state_dict`` too,
-    with the same full state dict, though it does not communicate).
-    """
-
-    def __init__(
-        self,
-        params: Iterable[Tensor] | Iterable[dict[str, Any]],
-        *args: Any,
-        process_group: Any = None,
-        comm_dtype: torch.dtype = torch.float32,
-        **kwargs: Any,
-    ) -> None:
-        if not isinstance(comm_dtype, torch.dtype) or not comm_dtype.is_floating_point:
-            raise ValueError(f"comm_dtype must be a floating-point torch.dtype, got {comm_dtype!r}")
-        super().__init__(params, *args, **kwargs)
-        if self._engine is None:
-            raise ValueError("ShardedSOAP needs the batched engine: use backend='auto', 'torch' or 'triton', not 'reference'")
+    def __init__(self, process_group: Any, comm_dtype: torch.dtype) -> None:
         self.comm_dtype = comm_dtype
-        self._group = self._resolve_group(process_group)
+        self._process_group = process_group
+        self._group: Any = None
         self._entries: list[_Entry] = []
         self._initialized: set[int] = set()  # indices of the parameters with state on some rank
         self._costs: list[tuple[int, float]] = []  # (owner, cost) per bucket of the plan
         self._built: tuple | None = None  # the plan signature the buckets were built for
-        self._loading = False
+        self._stale = False
         # Bytes this rank sent and received, and collectives it joined, since construction.
         self.comm_stats = {"bytes_sent": 0, "bytes_received": 0, "collectives": 0}
 
+    def bind(self, opt: SOAP) -> None:
+        super().bind(opt)
+        self._group = self._resolve_group(self._process_group)
+
     # ---------------------------------------------------------------------------- the group
     def _resolve_group(self, process_group: Any) -> Any:
-        meshes = {id(p.device_mesh): p.device_mesh for g in self.param_groups for p in g["params"] if _is_dtensor(p)}
+        meshes = {id(p.device_mesh): p.device_mesh for g in self.opt.param_groups for p in g["params"] if _is_dtensor(p)}
         for mesh in meshes.values():
             if mesh.ndim != 1:
                 raise ValueError(
                     f"ShardedSOAP supports DTensor parameters on a 1-D device mesh (FSDP2 fully_shard); got a {mesh.ndim}-D mesh"
                 )
-        for g in self.param_groups:
+        for g in self.opt.param_groups:
             for p in g["params"]:
                 if _is_dtensor(p):
                     placement = p.placements[0]
@@ -262,7 +248,7 @@ class ShardedSOAP(SOAP):
         return 0 if self._group is None else dist.get_rank(self._group)
 
     def _comm_device(self) -> torch.device:
-        for g in self.param_groups:
+        for g in self.opt.param_groups:
             for p in g["params"]:
                 return _local(p).device
         return torch.device("cpu")
@@ -283,42 +269,43 @@ class ShardedSOAP(SOAP):
     def _plan_signature(self) -> tuple:
         """What the plan depends on, the same on every rank (DTensors: global shape)."""
         return (
-            self._group_signature(),
-            tuple(g["normalize_grads"] for g in self.param_groups),
-            tuple((tuple(p.shape), p.dtype, _local(p).device.type) for g in self.param_groups for p in g["params"]),
+            self.opt._group_signature(),
+            tuple(g["normalize_grads"] for g in self.opt.param_groups),
+            tuple((tuple(p.shape), p.dtype, _local(p).device.type) for g in self.opt.param_groups for p in g["params"]),
         )
 
-    def _ensure_engine(self) -> None:
+    def reset(self) -> None:
+        self._built = None
+
+    def invalidate(self) -> None:
+        self._stale = True
+
+    def built(self) -> bool:
+        return self._built is not None
+
+    def has_state(self) -> bool:
+        return bool(self._initialized) if self._built is not None else bool(soap_states(self.opt.state))
+
+    def ensure(self) -> None:
         signature = self._plan_signature()
-        if not self._loading and self._built is not None and signature == self._built:
-            self._signature = signature[0]
+        if self._built is not None and not self._stale and signature == self._built:
             return
-        if self._built is None or self._loading:  # first step, or loading: self.state holds full states
-            states = _soap_states(self.state)
+        if self._built is None:  # first step, a loaded checkpoint, a copy: opt.state holds full states
+            states = soap_states(self.opt.state)
         else:  # groups or parameters changed on every rank: ownership may move, go through the full state
             states = self._gather_full_state()
         self._build(states)
-        self._built = signature
-        self._signature = signature[0]
-        self._publish_live_state()
-
-    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        """Load a full state dict (any world size, any backend; the same one on every rank) and
-        keep what this rank owns. No communication: every rank computes the same plan."""
-        self._loading = True
-        try:
-            super().load_state_dict(state_dict)
-        finally:
-            self._loading = False
+        self._built, self._stale = signature, False
+        self.publish_live_state()
 
     def _build(self, states: dict[Tensor, dict]) -> None:
         world, rank = self.world_size, self.rank
-        engine = self._engine
+        engine = self.opt._engine
         entries: list[_Entry] = []
-        elementwise_moments = self.second_moment == "adam"  # Adafactor's factored moment is not
-        for gi, group in enumerate(self.param_groups):
+        elementwise_moments = self.opt.second_moment == "adam"  # Adafactor's factored moment is not
+        for gi, group in enumerate(self.opt.param_groups):
             for p in group["params"]:
-                layout = self.layout_of(p, group)
+                layout = self.opt.layout_of(p, group)
                 if not _is_dtensor(p):
                     kind = REPLICATED
                 elif layout.any_preconditioned or group["normalize_grads"] or not elementwise_moments:
@@ -338,33 +325,23 @@ class ShardedSOAP(SOAP):
 
         # Buckets of the whole parameters, formed as the single-process engine forms them.
         plan: list[tuple[int, Layout, list[_Entry]]] = []
-        for gi in range(len(self.param_groups)):
+        for gi in range(len(self.opt.param_groups)):
             by_key: dict[tuple, list[_Entry]] = {}
             for e in entries:
                 if e.group == gi and e.kind != LOCAL:
                     by_key.setdefault(bucket_key(_local(e.param), e.layout), []).append(e)
             plan.extend((gi, key[0], members) for key, members in by_key.items())
-        costs = [bucket_cost(layout, len(members), self.param_groups[gi]["precondition_frequency"])
+        costs = [bucket_cost(layout, len(members), self.opt.param_groups[gi]["precondition_frequency"])
                  for gi, layout, members in plan]
         owners = assign_owners(costs, world)
         self._costs = list(zip(owners, costs))
 
-        engine.buckets = []
-        engine.where = {}
+        engine.clear()
 
         def add_bucket(gi: int, layout: Layout, members: list[_Entry], local: bool) -> None:
-            first = members[0].engine_param
-            table, measure = select.select(engine.backend, layout, self.second_moment, state_dtype(first.dtype),
-                                           first.device, engine.precision)
-            bucket = Bucket([e.engine_param for e in members], layout, self.second_moment, table, measure)
-            bucket.workspace_pool = engine.workspace_pool
-            bucket.on_failure = self._failure_hook(members)
-            for row, e in enumerate(members):
-                engine.where[e.engine_param] = (bucket, row)
-                saved = states.get(e.param)
-                if saved:
-                    bucket.import_row(row, _shard_state(saved, e, rank, layout) if local else saved)
-            engine.buckets.append((gi, bucket))
+            imported = {e.engine_param: _shard_state(states[e.param], e, rank, layout) if local else states[e.param]
+                        for e in members if states.get(e.param)}
+            engine.add_bucket(gi, [e.engine_param for e in members], layout, imported, self._failure_hook(members))
 
         for (gi, layout, members), owner in zip(plan, owners):
             for e in members:
@@ -378,7 +355,7 @@ class ShardedSOAP(SOAP):
                     e.engine_param = torch.empty(e.param.shape, dtype=e.param.dtype, device=_local(e.param).device)
                     e.grad_buffer = torch.empty_like(e.engine_param)
             add_bucket(gi, layout, members, local=False)
-        for gi in range(len(self.param_groups)):
+        for gi in range(len(self.opt.param_groups)):
             by_key = {}
             for e in entries:
                 if e.group == gi and e.kind == LOCAL:
@@ -394,22 +371,22 @@ class ShardedSOAP(SOAP):
 
     def _failure_hook(self, members: list[_Entry]) -> Callable[[Tensor, int, str], None] | None:
         """The engine's failure reports name the user's parameter, not this rank's proxy of it."""
-        hook = self._engine.on_failure
+        hook = self.opt._engine.on_failure
         if hook is None:
             return None
         user = {id(e.engine_param): e.param for e in members}
         return lambda p, dim, what: hook(user.get(id(p), p), dim, what)
 
-    def _publish_live_state(self) -> None:
+    def publish_live_state(self) -> None:
         """``state[p]``: live views of what this rank holds; ``{"owner": rank}`` where another rank
         holds the state of an initialised parameter (entries that are not a parameter's stay)."""
-        for p in [k for k in self.state if isinstance(k, Tensor)]:
-            del self.state[p]
+        for p in [k for k in self.opt.state if isinstance(k, Tensor)]:
+            del self.opt.state[p]
         for e in self._entries:
             if e.index not in self._initialized:
                 continue
-            live = None if e.engine_param is None else self._engine.live_state(e.engine_param)
-            self.state[e.param] = live if live is not None else {"owner": e.owner}
+            live = None if e.engine_param is None else self.opt._engine.live_state(e.engine_param)
+            self.opt.state[e.param] = live if live is not None else {"owner": e.owner}
 
     # ---------------------------------------------------------------------------- collectives
     def _count(self, sent: int, received: int) -> None:
@@ -417,7 +394,7 @@ class ShardedSOAP(SOAP):
         self.comm_stats["bytes_received"] += int(received)
         self.comm_stats["collectives"] += 1
 
-    def _all_reduce_sum(self, vector: Tensor) -> Tensor:
+    def all_reduce_sum(self, vector: Tensor) -> Tensor:
         if self._group is None:
             return vector
         device = self._comm_device()
@@ -437,19 +414,19 @@ class ShardedSOAP(SOAP):
         if loss_value is not None:
             vector[0] = loss_value
         vector[1:] = torch.tensor([0.0 if h else 1.0 for h in has_grad], dtype=torch.float64)
-        vector = self._all_reduce_sum(vector)
+        vector = self.all_reduce_sum(vector)
         missing = vector[1:].tolist()
         stepping = {i for i, (h, m) in enumerate(zip(has_grad, missing)) if h and m == 0.0}
         loss = None if loss_value is None else float(vector[0]) / self.world_size
         return stepping, loss
 
-    def _local_nonfinite_flag(self) -> Tensor:
-        """As :meth:`SOAP._local_nonfinite_flag`, on the local shards of DTensor gradients (a shard
+    def local_nonfinite_flag(self) -> Tensor:
+        """As :meth:`Local.local_nonfinite_flag`, on the local shards of DTensor gradients (a shard
         may be empty). On the CPU one ``aminmax`` per gradient: measured here, 0.6 ms for the
         1.1 M gradients of the benchmark set against 3.9 ms for ``_foreach_norm(inf)`` (both find
         NaN and ±inf and cannot overflow)."""
         by_kind: dict[tuple, list[Tensor]] = {}
-        for group in self.param_groups:
+        for group in self.opt.param_groups:
             for p in group["params"]:
                 grad = None if p.grad is None else _local(p.grad)
                 if grad is not None and grad.numel() > 0:
@@ -464,56 +441,26 @@ class ShardedSOAP(SOAP):
         device = flags[0].device
         return torch.stack([f.to(device) for f in flags]).any().float()
 
-    def _nonfinite_step(self, local_flag: Tensor) -> bool:
+    def any_nonfinite(self, local_flag: Tensor) -> bool:
         """Whether any rank has a non-finite gradient (all_reduce MAX of the local flags), so that
         every rank skips, or raises, together."""
         if self._group is None:
-            return super()._nonfinite_step(local_flag)
+            return bool(local_flag.item())
         flag = local_flag.detach().float().reshape(1).to(self._comm_device()).clone()
         dist.all_reduce(flag, op=dist.ReduceOp.MAX, group=self._group)
         self._count(4, 4)
         return bool(flag.item())
 
     # ---------------------------------------------------------------------------- the step
-    @torch.no_grad()
-    def step(self, closure: Callable[[], Any] | None = None, *, loss: Any = None) -> Any:
-        """One optimizer step on every rank (collective). A loss-driven schedule gets the mean of
-        the ranks' losses."""
-        if (closure is None and loss is None and self.schedule is not None and self.schedule.needs_loss
-                and not self._initialized):
-            # Nothing can be updated yet (DCP's zero-gradient initialising step): no loss needed.
-            super().step(loss=float("nan"))
-            return None
-        return super().step(closure, loss=loss)
-
-    def _engine_step(self, loss_value: float | None) -> None:
-        self._ensure_engine()
-        stepping, loss_value = self._agree(loss_value)
+    def begin_step(self, loss: float | None) -> StepTraffic:
+        """Agree on the stepped parameters and the loss, gather the sharded ones to their owners
+        and point the engine's parameters at this step's gradients."""
+        stepping, loss = self._agree(loss)
         updating = {i for i in stepping if i in self._initialized}
         self._gather_to_owners(stepping, updating)
         before = self._snapshot_lossy(updating)
         hidden = self._set_engine_grads(stepping)
-        try:
-            _, updated = self._engine.step(self.param_groups)
-        finally:
-            for p, grad in hidden:
-                p.grad = grad
-        for e in self._entries:
-            if e.kind != REPLICATED and e.engine_param is not None:
-                e.engine_param.grad = None
-        newly = stepping - self._initialized
-        self._initialized |= stepping
-        finish = self._send_from_owners(updating, before)
-        if updating:
-            if self.schedule is None:
-                if updated:
-                    self._refresh_by_frequency(updated)
-            else:
-                self._updates += 1
-                self._refresh_by_schedule(updated, loss_value)
-        finish()
-        if newly:
-            self._publish_live_state()
+        return _ShardedTraffic(self, loss, stepping, updating, before, hidden)
 
     def _set_engine_grads(self, stepping: set[int]) -> list[tuple[Tensor, Tensor | None]]:
         """Point the engine's parameters at the gradients of this step; a replicated parameter
@@ -729,42 +676,18 @@ class ShardedSOAP(SOAP):
         return finish
 
     # ---------------------------------------------------------------------------- refreshes
-    def _refresh_by_schedule(self, updated: list[tuple[Bucket, list[int]]], loss_value: float | None) -> None:
-        """As :meth:`SOAP._refresh_by_schedule`, over every rank's factors: the drift of each
-        factor comes from its owner, so every rank passes the same vectors to the schedule."""
-        factors: list[tuple[_Entry, int]] = [
-            (e, dim) for e in self._entries for dim, pre in enumerate(e.layout.preconditioned) if pre
-        ]
-        drift = cost = None
-        if self.schedule.needs_drift:
-            drift = torch.zeros(len(factors), dtype=torch.float64)
-            per_bucket: dict[int, Tensor] = {}
-            for k, (e, dim) in enumerate(factors):
-                if e.engine_param is None:
-                    continue
-                bucket, row = self._engine.where[e.engine_param]
-                if id(bucket) not in per_bucket:
-                    per_bucket[id(bucket)] = bucket.drift().double().cpu()
-                drift[k] = per_bucket[id(bucket)][bucket.factor_dims.index(dim), row]
-            drift = self._all_reduce_sum(drift)
-        if self.schedule.needs_drift or getattr(self.schedule, "needs_cost", False):
-            cost = torch.tensor([_refresh_cost(e.layout, dim) for e, dim in factors], dtype=torch.float64)
-        decision = self.schedule.decide(self._updates, loss=loss_value, drift=drift, cost=cost)
-        if decision is False:
-            return
-        updated_rows = {id(b): set(rows) for b, rows in updated}
-        plan: dict[int, tuple[Bucket, dict[int, list[int]]]] = {}
-        for k, (e, dim) in enumerate(factors):
-            if e.engine_param is None or not _selected(decision, k):
-                continue
-            bucket, row = self._engine.where[e.engine_param]
-            if row in updated_rows.get(id(bucket), ()):
-                plan.setdefault(id(bucket), (bucket, {}))[1].setdefault(dim, []).append(row)
-        for bucket, rows_per_dim in plan.values():
-            bucket.refresh(rows_per_dim)
+    def factors(self) -> list[Factor]:
+        """Every rank's factors in (group, parameter, dim) order; the bucket and row where this
+        rank holds them (the drift of a factor comes from its owner)."""
+        where = self.opt._engine.where
+        out: list[Factor] = []
+        for e in self._entries:
+            bucket, row = where[e.engine_param] if e.engine_param is not None else (None, -1)
+            out.extend((e.layout, dim, bucket, row) for dim, pre in enumerate(e.layout.preconditioned) if pre)
+        return out
 
     # ---------------------------------------------------------------------------- checkpoints
-    def _reference_layout_state(self) -> dict[Tensor, dict]:
+    def full_state(self) -> dict[Tensor, dict]:
         if self._built is None:  # never stepped nor loaded: no state anywhere
             return {}
         return self._gather_full_state()
@@ -775,9 +698,9 @@ class ShardedSOAP(SOAP):
         for e in self._entries:
             if e.engine_param is None:
                 continue
-            bucket, row = self._engine.where[e.engine_param]
+            bucket, row = self.opt._engine.where[e.engine_param]
             if bucket.initialized[row]:
-                local[e.index] = _to_cpu(_to_reference_layout(bucket.row_state(row)))
+                local[e.index] = _to_cpu(to_reference_layout(bucket.row_state(row)))
         if self._group is None:
             pieces = [local]
         else:
@@ -796,6 +719,92 @@ class ShardedSOAP(SOAP):
                         out[e.param] = piece[e.index]
                         break
         return out
+
+
+class _ShardedTraffic(StepTraffic):
+    """One step of :class:`Sharded`: the gradients hidden for the engine, the values before a
+    lossy send, and which parameters were stepped and updated (the same sets on every rank)."""
+
+    def __init__(self, placement: Sharded, loss: float | None, stepping: set[int], updating: set[int],
+                 before: dict[int, Tensor], hidden: list[tuple[Tensor, Tensor | None]]) -> None:
+        super().__init__(loss)
+        self.placement, self.stepping, self.updating, self.before, self.hidden = placement, stepping, updating, before, hidden
+        self.newly: set[int] = set()
+
+    def engine_done(self) -> None:
+        for p, grad in self.hidden:
+            p.grad = grad
+        for e in self.placement._entries:
+            if e.kind != REPLICATED and e.engine_param is not None:
+                e.engine_param.grad = None
+
+    def send_updates(self) -> Callable[[], None]:
+        place = self.placement
+        self.newly = self.stepping - place._initialized
+        place._initialized |= self.stepping
+        return place._send_from_owners(self.updating, self.before)
+
+    def any_update(self, updated: list[tuple[Bucket, list[int]]]) -> bool:
+        return bool(self.updating)  # on some rank: the schedule advances on every rank
+
+    def publish(self, opt: SOAP, initialized: list[Tensor]) -> None:
+        if self.newly:
+            self.placement.publish_live_state()
+
+
+class ShardedSOAP(SOAP):
+    """SOAP with its work split over the ranks of a process group (DDP and FSDP2); see the module
+    docstring for the design.
+
+    Args: every argument of :class:`~soap_kernels.SOAP`, and (keyword-only)
+        process_group: the group to shard over; ``None`` means the device mesh's group for DTensor
+            parameters, else the default group. Without an initialised process group the optimizer
+            runs alone.
+        comm_dtype: wire dtype for updates and gradients. Parameters whose dtype it holds exactly
+            (the default fp32 holds fp32, bf16 and fp16) travel as values, bit for bit; for the
+            others the update travels rounded to ``comm_dtype`` and every rank applies it.
+
+    ``step`` and ``state_dict`` are collective: every rank calls them (``load_state_dict`` too,
+    with the same full state dict, though it does not communicate).
+    """
+
+    def __init__(
+        self,
+        params: Iterable[Tensor] | Iterable[dict[str, Any]],
+        *args: Any,
+        process_group: Any = None,
+        comm_dtype: torch.dtype = torch.float32,
+        **kwargs: Any,
+    ) -> None:
+        if not isinstance(comm_dtype, torch.dtype) or not comm_dtype.is_floating_point:
+            raise ValueError(f"comm_dtype must be a floating-point torch.dtype, got {comm_dtype!r}")
+        super().__init__(params, *args, **kwargs)
+        if self._engine is None:
+            raise ValueError("ShardedSOAP needs the batched engine: use backend='auto', 'torch' or 'triton', not 'reference'")
+        self._placement = Sharded(process_group, comm_dtype)
+        self._placement.bind(self)
+
+    @property
+    def comm_dtype(self) -> torch.dtype:
+        return self._placement.comm_dtype
+
+    @property
+    def comm_stats(self) -> dict[str, int]:
+        """Bytes this rank sent and received, and collectives it joined, since construction."""
+        return self._placement.comm_stats
+
+    @property
+    def world_size(self) -> int:
+        return self._placement.world_size
+
+    @property
+    def rank(self) -> int:
+        return self._placement.rank
+
+    def ownership(self) -> dict[str, Any]:
+        """The plan: per parameter (group, parameter order) its kind and owner, and the FLOP load
+        the balancer put on each rank."""
+        return self._placement.ownership()
 
 
 def string_keys(state_dict: dict[str, Any]) -> dict[str, Any]:

@@ -26,6 +26,7 @@ from torch import Tensor
 from . import ops, reference, select
 from .engine import NOT_PRECONDITIONED, BatchedEngine, Bucket
 from .layout import Layout, make_layout
+from .placement import Local, Placement, soap_states
 from .schedules import RefreshSchedule
 from .select import BACKENDS
 
@@ -210,7 +211,10 @@ class SOAP(torch.optim.Optimizer):
         # table updates it faster (docs/DESIGN.md §3).
         self._engine_backend = "auto" if backend == "auto" and self.backend == "triton" else self.backend
         self._engine: BatchedEngine | None = None
-        self._signature: tuple | None = None
+        # Where the work runs and what it communicates (one process here; ShardedSOAP holds a
+        # sharded placement): docs/DESIGN.md §5.
+        self._placement: Placement = Local()
+        self._placement.bind(self)
         self._new_engine()
         super().__init__(params, defaults)
         self._register_own_hooks()
@@ -218,7 +222,7 @@ class SOAP(torch.optim.Optimizer):
     def _new_engine(self) -> None:
         """The batched engine is a cache of ``self.state`` (rebuilt from it whenever the groups,
         a checkpoint or an unpickled copy change what it holds)."""
-        self._signature = None
+        self._placement.reset()
         if self.backend == "reference":
             self._engine = None
             return
@@ -292,26 +296,6 @@ class SOAP(torch.optim.Optimizer):
             for g in self.param_groups
         )
 
-    def _ensure_engine(self) -> None:
-        signature = self._group_signature()
-        if signature == self._signature:
-            return
-        # self.state is the truth: live views of the buckets, or what a checkpoint or a copy put there.
-        states = _soap_states(self.state)
-        self._engine.build(self.param_groups, self.layout_of, states)
-        self._signature = signature
-        self._publish_live_state()
-
-    def _publish_live_state(self) -> None:
-        """``self.state[p]`` shows the engine's state as live views under the reference's names
-        (entries that are not a parameter's, e.g. a hook's, stay)."""
-        for p in [k for k in self.state if isinstance(k, Tensor)]:
-            del self.state[p]
-        for p in self._engine.where:
-            live = self._engine.live_state(p)
-            if live is not None:
-                self.state[p] = live
-
     # ------------------------------------------------------------------------------ step
     def _check_before_step(self) -> None:
         """Every check that can reject a step, done before anything is modified.
@@ -351,17 +335,17 @@ class SOAP(torch.optim.Optimizer):
                 return
             shape, device, has_state, dtype = tuple(state["exp_avg"].shape), state["exp_avg"].device, True, p.dtype
         else:
-            hit = self._engine.where.get(p) if self._signature is not None else None
+            hit = self._engine.where.get(p) if self._placement.built() else None
             if hit is None:
                 return
             bucket, row = hit
             shape, device, has_state, dtype = bucket.layout.shape, bucket.exp_avg.device, bucket.initialized[row], bucket.dtype
         if tuple(p.shape) == shape and p.device == device:
             if p.dtype != dtype:
-                self._signature = None  # cast since the buckets were built: rebuild them, state kept
+                self._placement.invalidate()  # cast since the buckets were built: rebuild them, state kept
             return
         if not has_state:
-            self._signature = None  # no state to lose: its bucket is rebuilt for the new shape/device
+            self._placement.invalidate()  # no state to lose: its bucket is rebuilt for the new shape/device
             return
         if tuple(p.shape) != shape:
             raise ValueError(f"{where} had shape {shape} when its optimizer state was made (resized in place since?); "
@@ -369,37 +353,6 @@ class SOAP(torch.optim.Optimizer):
         raise ValueError(f"{where} is on {p.device} but its optimizer state is on {device} (moved after the optimizer "
                          "was made). Move the model first, or move the state with "
                          "optimizer.load_state_dict(optimizer.state_dict()).")
-
-    def _local_nonfinite_flag(self) -> Tensor:
-        """1.0 if a gradient this process holds is non-finite, else 0.0 (a 0-dim float32 tensor).
-
-        Non-finite: a NaN or an inf, or a squared norm beyond fp32's range (``||g|| ≳ 1.8e19``),
-        which would turn SOAP's fp32 statistics (sums of squares of the gradient) into inf/NaN for
-        good. One fused reduction per (device, dtype) of gradients: ``torch._foreach_norm`` (2-norm,
-        accumulated and returned in fp32, so fp16 gradients do not overflow at 65504). The 2-norm,
-        not the max |g|: on the CPU a max-reduction ran 12× slower (23 ms against 1.8 ms for 2 M
-        values, one thread). No host synchronisation here.
-        """
-        by_kind: dict[tuple, list[Tensor]] = {}
-        for group in self.param_groups:
-            for p in group["params"]:
-                grad = p.grad
-                if grad is not None and grad.numel() > 0:
-                    by_kind.setdefault((grad.device, grad.dtype), []).append(grad)
-        # fp64 gradients feed fp64 statistics: their norm in fp64 (fp32 would refuse to narrow them).
-        flags = [torch.stack(torch._foreach_norm(grads, 2, dtype=torch.float64 if kind[1] == torch.float64 else
-                                                 torch.float32)).isfinite().all().logical_not()
-                 for kind, grads in by_kind.items()]
-        if not flags:
-            return torch.zeros(())
-        device = flags[0].device
-        return torch.stack([f.to(device) for f in flags]).any().float()
-
-    def _nonfinite_step(self, local_flag: Tensor) -> bool:
-        """Whether this step has a non-finite gradient, from this process's ``local_flag``
-        (:meth:`_local_nonfinite_flag`). The one host read of the check. A distributed subclass
-        all-reduces the flag (MAX) first, so that every rank takes the same decision."""
-        return bool(local_flag.item())
 
     def _nonfinite_error(self) -> ValueError:
         advice = ("nothing was modified. SOAP(..., nonfinite='skip') skips such steps instead (as "
@@ -442,7 +395,9 @@ class SOAP(torch.optim.Optimizer):
                 loss = closure()
         self._check_before_step()
         loss_value = None
-        if self.schedule is not None and self.schedule.needs_loss:
+        # A step before any parameter has state only initialises (DCP's get_optimizer_state_dict
+        # fills an empty optimizer with one): the schedule is not asked, so no loss is needed.
+        if self.schedule is not None and self.schedule.needs_loss and (loss is not None or self._placement.has_state()):
             if loss is None:
                 raise ValueError(
                     f"{type(self.schedule).__name__} needs the loss: call step(closure) or step(loss=...)"
@@ -454,7 +409,7 @@ class SOAP(torch.optim.Optimizer):
         # Inside torch.compile the check (one host read) is not traced: a compiled step behaves as
         # nonfinite="ignore" (see the README's torch.compile notes).
         checking = self.nonfinite != "ignore" and not torch.compiler.is_compiling()
-        if checking and self._nonfinite_step(self._local_nonfinite_flag()):
+        if checking and self._placement.any_nonfinite(self._placement.local_nonfinite_flag()):
             if self.nonfinite == "raise":
                 raise self._nonfinite_error()
             self.skipped_steps += 1
@@ -514,17 +469,24 @@ class SOAP(torch.optim.Optimizer):
                         yield p, state, layout, i
 
     def _engine_step(self, loss_value: float | None) -> None:
-        self._ensure_engine()
-        initialized, updated = self._engine.step(self.param_groups)
-        if updated:
+        """The engine's step; the placement agrees on what is stepped and moves the data around it
+        (nothing for one process)."""
+        self._placement.ensure()
+        traffic = self._placement.begin_step(loss_value)
+        try:
+            initialized, updated = self._engine.step(self.param_groups)
+        finally:
+            traffic.engine_done()
+        finish = traffic.send_updates()  # overlaps the refresh
+        if traffic.any_update(updated):
             if self.schedule is None:
-                self._refresh_by_frequency(updated)
+                if updated:
+                    self._refresh_by_frequency(updated)
             else:
                 self._updates += 1
-                self._refresh_by_schedule(updated, loss_value)
-        if initialized:
-            for p in initialized:
-                self.state[p] = self._engine.live_state(p)
+                self._refresh_by_schedule(updated, traffic.loss)
+        finish()
+        traffic.publish(self, initialized)
 
     def _refresh_by_frequency(self, updated: list[tuple[Bucket, list[int]]]) -> None:
         for bucket, rows in updated:
@@ -539,33 +501,31 @@ class SOAP(torch.optim.Optimizer):
                 return gi
         raise KeyError("bucket not found")
 
-    def _canonical_factors(self) -> list[tuple[Bucket, int, int]]:
-        """Every factor as (bucket, working dim, row), in (group, parameter, dim) order."""
-        out = []
-        for group in self.param_groups:
-            for p in group["params"]:
-                bucket, row = self._engine.where[p]
-                out.extend((bucket, dim, row) for dim in bucket.factor_dims)
-        return out
-
     def _refresh_by_schedule(self, updated: list[tuple[Bucket, list[int]]], loss_value: float | None) -> None:
-        factors = self._canonical_factors()
+        """Ask the schedule which factors to refresh, with every factor's drift and cost in the
+        placement's canonical order (the same on every process), and refresh those held here."""
+        factors = self._placement.factors()
         drift = cost = None
         if self.schedule.needs_drift:
-            per_bucket = {id(b): b.drift().cpu() for _, b in self._engine.buckets}
-            drift = torch.tensor(
-                [float(per_bucket[id(b)][b.factor_dims.index(dim), row]) for b, dim, row in factors],
-                dtype=torch.float64,
-            )
+            per_bucket: dict[int, Tensor] = {}
+            values = []
+            for _, dim, bucket, row in factors:
+                if bucket is None:  # held by another process, which sends it
+                    values.append(0.0)
+                    continue
+                if id(bucket) not in per_bucket:
+                    per_bucket[id(bucket)] = bucket.drift().cpu()
+                values.append(float(per_bucket[id(bucket)][bucket.factor_dims.index(dim), row]))
+            drift = self._placement.all_reduce_sum(torch.tensor(values, dtype=torch.float64))
         if self.schedule.needs_drift or getattr(self.schedule, "needs_cost", False):
-            cost = torch.tensor([_refresh_cost(b.layout, dim) for b, dim, _ in factors], dtype=torch.float64)
+            cost = torch.tensor([_refresh_cost(layout, dim) for layout, dim, _, _ in factors], dtype=torch.float64)
         decision = self.schedule.decide(self._updates, loss=loss_value, drift=drift, cost=cost)
         if decision is False:
             return
         updated_rows = {id(b): set(rows) for b, rows in updated}
         plan: dict[int, tuple[Bucket, dict[int, list[int]]]] = {}
-        for k, (bucket, dim, row) in enumerate(factors):
-            if row in updated_rows.get(id(bucket), ()) and _selected(decision, k):
+        for k, (_, dim, bucket, row) in enumerate(factors):
+            if bucket is not None and row in updated_rows.get(id(bucket), ()) and _selected(decision, k):
                 plan.setdefault(id(bucket), (bucket, {}))[1].setdefault(dim, []).append(row)
         for bucket, rows_per_dim in plan.values():
             bucket.refresh(rows_per_dim)
@@ -593,7 +553,7 @@ class SOAP(torch.optim.Optimizer):
         ``refreshes`` (factor refreshes so far) and ``state_bytes`` (the bucket's state tensors)."""
         if self._engine is None:
             return []
-        self._ensure_engine()
+        self._placement.ensure()
         out = []
         for gi, b in self._engine.buckets:
             tensors = [b.exp_avg, b.exp_avg_sq, b.step, *[t for t in (*b.q, *b.stats) if t is not None]]
@@ -611,7 +571,7 @@ class SOAP(torch.optim.Optimizer):
         once) and ``workspace_bytes`` (scratch buffers kept between steps)."""
         if self._engine is None:
             seen: dict[int, int] = {}
-            for s in _soap_states(self.state).values():
+            for s in soap_states(self.state).values():
                 for v in s.values():
                     for t in (v if isinstance(v, list) else [v]):
                         if isinstance(t, Tensor) and t.numel():
@@ -620,10 +580,6 @@ class SOAP(torch.optim.Optimizer):
             return {"state_bytes": sum(seen.values()), "workspace_bytes": 0}
         work = self._engine.workspace_pool.nbytes()
         return {"state_bytes": sum(b["state_bytes"] for b in self.buckets_info()), "workspace_bytes": work}
-
-    def _reference_layout_state(self) -> dict[Tensor, dict]:
-        """Every parameter's state, by parameter, in the reference's layout (fresh tensors)."""
-        return {p: _to_reference_layout(s) for p, s in _soap_states(self.state).items()}
 
     def _progress(self) -> dict[str, Any]:
         return {
@@ -640,7 +596,7 @@ class SOAP(torch.optim.Optimizer):
         """``state_dict()``: per parameter the reference's state (``step``, ``exp_avg``,
         ``exp_avg_sq``, ``GG``, ``Q``; the engine adds its exact ``GG_eigenbasis`` and
         ``Q_refreshes``), whatever the backend; the optimizer-wide progress in param group 0."""
-        states = self._reference_layout_state()
+        states = self._placement.full_state()
         params = [p for g in self.param_groups for p in g["params"]]
         indices = [i for g in state_dict["param_groups"] for i in g["params"]]
         packed = state_dict["state"]  # the base class's packing: other entries (a hook's) stay
@@ -740,7 +696,7 @@ class SOAP(torch.optim.Optimizer):
                 group["betas"] = tuple(group["betas"])
         if self._engine is not None:
             self._new_engine()
-            self._ensure_engine()
+            self._placement.ensure()
 
     def _validated_state(self, p: Tensor, group: dict, saved: Any, idx: Any) -> dict:
         where = f"state of parameter {idx} (shape {tuple(p.shape)})"
@@ -804,11 +760,6 @@ class SOAP(torch.optim.Optimizer):
         return out
 
 
-def _soap_states(state: dict) -> dict[Tensor, dict]:
-    """The entries of ``opt.state`` that are SOAP parameter states (a hook may add others)."""
-    return {p: s for p, s in state.items() if isinstance(p, Tensor) and isinstance(s, dict) and "Q" in s}
-
-
 class _Validated:
     """A validated per-parameter state on its way through ``Optimizer.load_state_dict`` (which
     passes objects it does not know through unchanged)."""
@@ -822,27 +773,6 @@ class _Validated:
 def _adafactor_numel(layout: Layout) -> int:
     work = layout.work_shape
     return (work[0] if work else 1) + (math.prod(work[1:]) if len(work) > 1 else 1)
-
-
-def _to_reference_layout(state: dict) -> dict:
-    """A fresh copy of one parameter's state in the reference's layout: ``step`` an int, tensors
-    contiguous; an engine state gets ``GG = Q·GG_eigenbasis·Qᵀ`` and its counts as a list."""
-    out: dict[str, Any] = {}
-    for k, v in state.items():
-        if isinstance(v, Tensor) and k == "Q_refreshes":
-            out[k] = [int(c) for c in v.tolist()]
-        elif isinstance(v, Tensor):
-            out[k] = v.detach().clone()
-        elif isinstance(v, list):
-            out[k] = [x.detach().clone() if isinstance(x, Tensor) else x for x in v]
-        else:
-            out[k] = v
-    step = out["step"]
-    out["step"] = int(step.item()) if isinstance(step, Tensor) else int(step)
-    if "GG" not in out and "GG_eigenbasis" in out:
-        out["GG"] = [NOT_PRECONDITIONED if len(q) == 0 else q @ b @ q.T for q, b in zip(out["Q"], out["GG_eigenbasis"])]
-    return {k: out[k] for k in ("step", "exp_avg", "exp_avg_sq", "GG", "Q", *[k for k in out if k not in
-                                ("step", "exp_avg", "exp_avg_sq", "GG", "Q")])}
 
 
 def _check_orthonormal(q: Tensor, where: str) -> None:

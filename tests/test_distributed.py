@@ -156,7 +156,7 @@ def _set_full(p: torch.Tensor, full: torch.Tensor, rank: int, world: int) -> Non
 def _held_rows(opt: ShardedSOAP) -> list[int]:
     """Indices of the parameters whose state this rank holds."""
     where = {id(ep) for ep in opt._engine.where}
-    return [e.index for e in opt._entries if e.engine_param is not None and id(e.engine_param) in where]
+    return [e.index for e in opt._placement._entries if e.engine_param is not None and id(e.engine_param) in where]
 
 
 def _dcp_save(opt: SOAP, params: list, path: Path, helpers: bool) -> None:

@@ -60,6 +60,25 @@ def test_backend_choice_lives_in_select_only():
         assert "soap_kernels.triton.table" not in _package_imports(path), path
 
 
+def test_distribution_is_held_not_inherited():
+    """The optimizer knows only the placement interface: it imports nothing of distributed.py, the
+    placement imports the optimizer for type hints only, and ShardedSOAP overrides no method of
+    SOAP (it holds a Sharded placement)."""
+    from soap_kernels import SOAP, ShardedSOAP
+    from soap_kernels.distributed import Sharded
+    from soap_kernels.placement import Placement
+
+    assert "soap_kernels.distributed" not in _package_imports(PACKAGE / "optimizer.py")
+    tree = ast.parse((PACKAGE / "placement.py").read_text())
+    runtime = [n for n in tree.body if isinstance(n, ast.ImportFrom) and n.module == "optimizer"]
+    assert not runtime, "placement.py imports the optimizer at run time"
+    overridden = {name for name, value in vars(ShardedSOAP).items()
+                  if callable(value) and name in vars(SOAP) and name != "__init__"}
+    assert overridden == set(), overridden
+    abstract = {name for name, value in vars(Placement).items() if callable(value) and not name.startswith("__")}
+    assert abstract <= set(vars(Sharded)) | {"bind"}, abstract - set(vars(Sharded))
+
+
 SHAPES = [(), (1,), (7,), (40,), (0,), (3, 0), (16, 16), (40, 8), (1, 9), (6, 5, 3), (6, 4, 3, 3), (6, 3, 3, 4),
           (128, 64, 3, 3), (2, 3, 4, 5, 6), (10001, 3)]
 

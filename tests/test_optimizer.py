@@ -270,8 +270,12 @@ def test_loss_schedule_needs_the_loss(backend):
     params = make_params([(4, 4)])
     opt = SOAP(params, backend=backend, schedule=LossThreshold(0.1))
     params[0].grad = torch.randn(4, 4)
-    with pytest.raises(ValueError, match="loss"):
+    opt.step()  # the first step only initialises (DCP's helpers make one without a loss)
+    before = (params[0].detach().clone(), {k: v.clone() for k, v in opt.state[params[0]].items() if torch.is_tensor(v)})
+    with pytest.raises(ValueError, match="needs the loss"):
         opt.step()
+    assert torch.equal(params[0], before[0])  # the rejected step changed nothing
+    assert all(torch.equal(opt.state[params[0]][k], v) for k, v in before[1].items())
     opt.step(loss=torch.tensor(1.0))
     params[0].grad = torch.randn(4, 4)
     opt.step(closure=lambda: 0.5)

@@ -21,6 +21,7 @@ from conftest import TOLERANCE, apply_grads, assert_lockstep, clone_params, grad
 
 from soap_kernels import SOAP, Constant, LossThreshold, engine, lapack, reference
 from soap_kernels.optimizer import params_device
+from soap_kernels.placement import Local
 from soap_kernels.select import backend_available, device_problem
 
 TRITON = backend_available("triton")[0]
@@ -189,25 +190,31 @@ def test_nonfinite_check_is_one_fused_reduction(monkeypatch):
         opt.step()
     assert calls == [11, 3] * 3
     params[0].grad = torch.zeros(0, 4).new_empty(4, 4).fill_(math.nan)
-    assert opt._local_nonfinite_flag().item() == 1.0
+    assert opt._placement.local_nonfinite_flag().item() == 1.0
     empty = torch.nn.Parameter(torch.zeros(0))
     empty.grad = torch.zeros(0)
-    assert SOAP([empty])._local_nonfinite_flag().item() == 0.0
+    assert SOAP([empty])._placement.local_nonfinite_flag().item() == 0.0
 
 
-def test_nonfinite_decision_can_be_made_by_a_subclass():
-    """The distributed subclass all-reduces the flag: another rank's NaN must stop this one too."""
+def test_nonfinite_decision_is_the_placements():
+    """The sharded placement all-reduces the flag: another rank's NaN must stop this one too."""
 
-    class OtherRankFoundNaN(SOAP):
-        def _nonfinite_step(self, local_flag: torch.Tensor) -> bool:
+    class OtherRankFoundNaN(Local):
+        def any_nonfinite(self, local_flag: torch.Tensor) -> bool:
             assert local_flag.item() == 0.0
             return True
+
+    def make(**kw):
+        opt = SOAP(params, **kw)
+        opt._placement = OtherRankFoundNaN()
+        opt._placement.bind(opt)
+        return opt
 
     params = make_params([(4, 3)])
     params[0].grad = torch.randn(4, 3)
     with pytest.raises(ValueError, match="another process"):
-        OtherRankFoundNaN(params).step()
-    opt = OtherRankFoundNaN(params, nonfinite="skip")
+        make().step()
+    opt = make(nonfinite="skip")
     opt.step()
     assert opt.skipped_steps == 1 and not opt.state
 
@@ -215,7 +222,7 @@ def test_nonfinite_decision_can_be_made_by_a_subclass():
 def test_nonfinite_ignore_does_not_check():
     params = make_params([(3, 3)])
     opt = SOAP(params, backend="torch", nonfinite="ignore")
-    opt._nonfinite_step = None  # would fail if called
+    opt._placement.any_nonfinite = None  # would fail if called
     params[0].grad = torch.randn(3, 3)
     opt.step()
 
