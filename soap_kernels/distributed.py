@@ -687,6 +687,9 @@ class Sharded(Placement):
         return out
 
     # ---------------------------------------------------------------------------- checkpoints
+    def factor_owners(self) -> list[int]:
+        return [e.owner for e in self._entries for pre in e.layout.preconditioned if pre]
+
     def full_state(self) -> dict[Tensor, dict]:
         if self._built is None:  # never stepped nor loaded: no state anywhere
             return {}

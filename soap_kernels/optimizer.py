@@ -519,7 +519,12 @@ class SOAP(torch.optim.Optimizer):
             drift = self._placement.all_reduce_sum(torch.tensor(values, dtype=torch.float64))
         if self.schedule.needs_drift or getattr(self.schedule, "needs_cost", False):
             cost = torch.tensor([_refresh_cost(layout, dim) for layout, dim, _, _ in factors], dtype=torch.float64)
-        decision = self.schedule.decide(self._updates, loss=loss_value, drift=drift, cost=cost)
+        extra = {}
+        if getattr(self.schedule, "needs_owner", False):
+            owners = self._placement.factor_owners()
+            if any(owners):  # factors on more than one rank (one process: the protocol without it)
+                extra["owner"] = torch.tensor(owners, dtype=torch.int64)
+        decision = self.schedule.decide(self._updates, loss=loss_value, drift=drift, cost=cost, **extra)
         if decision is False:
             return
         updated_rows = {id(b): set(rows) for b, rows in updated}

@@ -109,6 +109,11 @@ class Placement:
         same list."""
         raise NotImplementedError
 
+    def factor_owners(self) -> list[int]:
+        """The rank holding each factor of :meth:`factors` (a staggered schedule balances each
+        rank's refreshes on their own)."""
+        raise NotImplementedError
+
     def all_reduce_sum(self, vector: Tensor) -> Tensor:
         """The sum over processes of a float64 CPU vector (each factor's drift is non-zero only
         where its bucket lives, so the sum is exact)."""
@@ -188,6 +193,9 @@ class Local(Placement):
                 bucket, row = opt._engine.where[p]
                 out.extend((bucket.layout, dim, bucket, row) for dim in bucket.factor_dims)
         return out
+
+    def factor_owners(self) -> list[int]:
+        return [0] * len(self.factors())
 
     def all_reduce_sum(self, vector: Tensor) -> Tensor:
         return vector

@@ -17,7 +17,9 @@ Protocol (what the optimizer relies on):
   fixed for the optimizer's lifetime (factors may only be appended, e.g. by ``add_param_group``),
   given when ``needs_drift`` (``cost`` also when ``needs_cost``): ``drift`` is the rotated-frame
   off-diagonal drift ``||B - diag B||_F / ||B||_F`` of each factor, ``cost`` its refresh cost in
-  FLOPs (``ops.FLOPS.refresh`` of that factor alone).
+  FLOPs (``ops.FLOPS.refresh`` of that factor alone). A schedule with ``needs_owner`` also gets
+  ``owner``, a 1-D int64 CPU tensor: the rank that holds each factor, when the factors are held
+  by more than one rank (``ShardedSOAP``; never in one process).
 * ``state_dict()`` / ``load_state_dict(state)``: plain Python values (ints, floats, strings, lists),
   saved with the optimizer. The dict holds the hyperparameters and the progress, and loading
   restores both (as ``torch.optim.lr_scheduler`` does), so a resumed run continues the same
@@ -122,6 +124,9 @@ class RefreshSchedule:
     needs_drift: bool = False
     # True: ``decide`` gets ``cost`` (each factor's refresh FLOPs) even without ``needs_drift``.
     needs_cost: bool = False
+    # True: ``decide`` also gets ``owner`` (the rank holding each factor) when factors are held by
+    # more than one rank.
+    needs_owner: bool = False
 
     def decide(
         self,
@@ -567,6 +572,15 @@ class Staggered(_Schedule):
     ``state_dict()``, so a resumed run keeps them. Later changes of the cost values do not move
     them (the costs come from the shapes and do not change).
 
+    **Per rank.** With ``ShardedSOAP`` each rank refreshes only the factors it owns, so a balance
+    over all factors could still give one rank all of its refreshes at one step. The optimizer
+    passes each factor's owning rank (``owner``, as ``needs_owner`` asks; a single process passes
+    none) and the greedy rule balances the phases of each rank's factors on their own: each rank's
+    steps then carry about ``1/every`` of that rank's refresh work. A block goes with the owner of
+    its first factor (a parameter's factors share one owner). With one owner the phases are the
+    single-process ones; with several they differ from them (another valid staggering, so a
+    sharded run and a single-process run under ``Staggered`` refresh at other steps).
+
     **First refresh.** Phase 0 is ``t = every, 2*every, ...`` (the reference's steps); phase
     ``p > 0`` refreshes first at step ``p``, i.e. earlier than under ``Constant(every)``. So no
     factor ever goes more than ``every`` updates without a refresh (counting the initialising step
@@ -590,6 +604,7 @@ class Staggered(_Schedule):
     """
 
     needs_cost = True
+    needs_owner = True
 
     def __init__(self, every: int = 10, blocks: list[int] | None = None) -> None:
         self.every = _check_int("Staggered", "every", every, 1)
@@ -614,25 +629,28 @@ class Staggered(_Schedule):
         units.extend([k] for k in range(start, factors))
         return units
 
-    def _assign(self, costs: list[float]) -> None:
+    def _assign(self, costs: list[float], owners: list[int]) -> None:
         factors = len(costs)
         phase = list(self._phase or [])
         known = len(phase)
-        load = [0.0] * self.every
+        load: dict[int, list[float]] = {}  # per owner, per phase
         for k in range(known):
-            load[phase[k]] += costs[k]
+            load.setdefault(owners[k], [0.0] * self.every)[phase[k]] += costs[k]
         phase.extend([-1] * (factors - known))
         # Blocks lie within the factors of the first call (checked there), so a unit is either
         # placed already or wholly new.
         pending = [(sum(costs[k] for k in unit), unit) for unit in self._units(factors) if unit[0] >= known]
         for cost, unit in sorted(pending, key=lambda item: (-item[0], item[1][0])):
-            p = min(range(self.every), key=lambda j: (load[j], j))
-            load[p] += cost
+            mine = load.setdefault(owners[unit[0]], [0.0] * self.every)
+            p = min(range(self.every), key=lambda j: (mine[j], j))
+            mine[p] += cost
             for k in unit:
                 phase[k] = p
         self._phase = phase
 
-    def decide(self, t: int, *, loss=None, drift=None, cost: torch.Tensor | None = None) -> torch.Tensor:
+    def decide(self, t: int, *, loss=None, drift=None, cost: torch.Tensor | None = None,
+               owner: torch.Tensor | None = None) -> torch.Tensor:
+        """``owner``: each factor's owning rank (``None``: one process)."""
         t = _check_step(t)
         if cost is None:
             raise ValueError(
@@ -653,8 +671,16 @@ class Staggered(_Schedule):
             raise ValueError(
                 f"Staggered(blocks=...) covers {sum(self.blocks)} factors, the optimizer has {factors}"
             )
+        if owner is None:
+            owners = [0] * factors
+        else:
+            owner = torch.as_tensor(owner)
+            if owner.shape != (factors,) or owner.is_floating_point() or bool((owner < 0).any()):
+                raise ValueError(f"Staggered: owner must hold one rank (an integer >= 0) per factor ({factors}), "
+                                 f"got {tuple(owner.shape)} {owner.dtype}")
+            owners = owner.tolist()
         if factors > known or self._phase is None:
-            self._assign(cost.tolist())
+            self._assign(cost.tolist(), owners)
         assert self._phase is not None
         return torch.tensor(self._phase, dtype=torch.int64) == t % self.every
 

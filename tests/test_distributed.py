@@ -29,8 +29,9 @@ import torch
 import torch.distributed as dist
 from conftest import TOLERANCE, report
 
-from soap_kernels import SOAP, Budgeted, DriftAdaptive, LossThreshold
+from soap_kernels import SOAP, Budgeted, DriftAdaptive, LossThreshold, Staggered
 from soap_kernels.distributed import ShardedSOAP, assign_owners, bucket_cost, string_keys
+from soap_kernels.optimizer import _refresh_cost
 from soap_kernels.reference import make_layout
 
 pytestmark = [
@@ -214,6 +215,12 @@ def _ddp_worker(rank: int, world: int, out: Path) -> dict:
         else:
             run(opt, params, 0, STEPS, rank, world)
         results[name] = record(opt, params)
+    params = make_params()
+    opt = ShardedSOAP(groups(params), **BASE, schedule=Staggered(3))
+    run(opt, params, 0, STEPS, rank, world)
+    results["staggered"] = {"phases": opt.schedule.phases, "owners": opt._placement.factor_owners(),
+                            "cost": [_refresh_cost(layout, dim) for layout, dim, _, _ in opt._placement.factors()],
+                            "refreshes": sum(b["refreshes"] for b in opt.buckets_info())}
 
     params = make_params()
     opt = ShardedSOAP(groups(params), **BASE, comm_dtype=torch.bfloat16)
@@ -550,6 +557,22 @@ def test_ddp_equals_single_process_bitwise(runs, world, schedule):
     for rank, results in enumerate(runs["worlds"][world]):
         assert_same_run(results["ddp"][schedule], runs["refs"][schedule])
         print(f"world {world} rank {rank} {schedule}: bitwise equal")
+
+
+@pytest.mark.parametrize("world", WORLDS)
+def test_ddp_staggered_balances_each_ranks_refreshes(runs, world):
+    """Staggered under ShardedSOAP: the phases of each rank's own factors are balanced (the greedy
+    bound: no phase above that rank's total / every + its largest factor), every rank computed
+    the same phases, and every rank refreshed its factors."""
+    got = [r["ddp"]["staggered"] for r in runs["worlds"][world]]
+    assert all(g["phases"] == got[0]["phases"] and g["owners"] == got[0]["owners"] for g in got)
+    phases, owners, cost = got[0]["phases"], got[0]["owners"], got[0]["cost"]
+    assert sorted(set(owners)) == list(range(world))
+    for rank in range(world):
+        mine = [k for k, o in enumerate(owners) if o == rank]
+        load = [sum(cost[k] for k in mine if phases[k] == p) for p in range(3)]
+        assert max(load) <= sum(cost[k] for k in mine) / 3 + max(cost[k] for k in mine) + 1e-6, (rank, load)
+        assert got[rank]["refreshes"] > 0
 
 
 @pytest.mark.parametrize("world", WORLDS)

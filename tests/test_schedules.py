@@ -695,3 +695,16 @@ def test_staggered_with_sharded_soap_without_process_group():
     assert b.world_size == 1
     assert a.schedule.phases == b.schedule.phases
     assert all(torch.equal(x, y) for x, y in zip(pa, pb))
+
+
+def test_staggered_balances_each_owner_on_its_own():
+    """The global balance would give owner 0 both of its factors at phase 0 (costs 4, 4, 2, 2)."""
+    cost = torch.tensor([4.0, 4.0, 2.0, 2.0], dtype=torch.float64)
+    one = Staggered(2)
+    one.decide(1, cost=cost)
+    assert one.phases == [0, 1, 0, 1]
+    per_owner = Staggered(2)
+    per_owner.decide(1, cost=cost, owner=torch.tensor([0, 1, 0, 1]))
+    assert per_owner.phases == [0, 0, 1, 1]
+    with pytest.raises(ValueError, match="owner"):
+        Staggered(2).decide(1, cost=cost, owner=torch.tensor([0, 1]))
