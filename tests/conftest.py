@@ -20,8 +20,9 @@ from collections.abc import Callable, Sequence
 import pytest
 import torch
 
-from soap_kernels import SOAP
+from soap_kernels import SOAP, ops
 from soap_kernels.reference import make_layout
+from tables import TABLES
 
 # One table of tolerances per parameter dtype: relative error of the parameter trajectory and of
 # each state tensor, torch engine vs reference (both fp32 math; bf16/fp16 differ by one rounding of
@@ -157,3 +158,16 @@ def _restore_thread_count():
     threads = torch.get_num_threads()
     yield
     torch.set_num_threads(threads)
+
+
+@pytest.fixture(params=TABLES, ids=[t.name for t in TABLES])
+def table(request, monkeypatch):
+    """Each kernel table of ``tests/tables.py`` in turn (skipped, with the reason, where it cannot
+    run); the torch table's native fast path is switched on or off for the test's duration."""
+    entry = request.param
+    ok, why = entry.available()
+    if not ok:
+        pytest.skip(f"{entry.name} table unavailable: {why}")
+    if entry.native is not None:
+        monkeypatch.setattr(ops, "NATIVE_OPS", entry.native)
+    return entry
