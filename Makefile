@@ -11,6 +11,9 @@ install:
 	@$(PYTHON) -c "import torch, sys; sys.exit(0 if torch.__version__.split('+')[0] == '2.13.0' else 1)" 2>/dev/null \
 		|| $(PIP) install -q "$(TORCH_SPEC)"
 	$(PIP) install -q --no-build-isolation -e ".[dev]"
+	# The peers (other SOAPs) for the main job and the suite's peer smoke tests; --no-deps keeps the
+	# CPU torch (HeavyBall imports numpy; opt-einsum only in its set_torch(), not called).
+	$(PIP) install -q --no-deps heavyball==3.2.1 pytorch-optimizer==4.1.0 numpy
 
 demo: install
 	$(PYTHON) python/train_lm.py
