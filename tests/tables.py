@@ -36,12 +36,12 @@ TOLERANCE = {
     "elementwise": (1e-6, 1e-6),
     # fp32 GEMMs with K <= 37 on O(1) inputs: rounding error ~K·2⁻²⁴ per entry, different
     # reassociation per table (blocked Triton dots, MKL); the direction m / (√v + eps) inherits it
-    # with √v >= 0.3 in these tests.
+    # with √v >= 0.3 in these tests. Measured: max 1.1e-5 absolute, on Gram entries of size ~40.
     "gemm": (2e-5, 2e-5),
     # Refresh of well-conditioned factors (eigenvalue spread <= 1e3): fp32 QR (Householder in
     # LAPACK, shifted CholeskyQR in Triton) against fp64 Householder; the QR factors' sensitivity
-    # scales with the spread, measured <= 3e-6 here.
-    "refresh": (2e-5, 2e-5),
+    # scales with the spread. Measured: max 1.1e-5 (q, d = 37); 5e-5 leaves a factor of ~4.
+    "refresh": (5e-5, 5e-5),
     "orthonormal": 1e-5,  # max |QᵀQ − I| of an fp32 result
 }
 # The parameter write, per parameter dtype: fp32 math rounded once to the dtype, against the fp64
