@@ -1,4 +1,5 @@
-"""Triton multi-tensor Adam (soap_kernels.triton.adam) against SOAP's Adam written in torch."""
+"""The plain-Adam op of every kernel table (conformance, against fp64 math), then the Triton
+multi-tensor Adam (soap_kernels.triton.adam) against SOAP's Adam written in torch."""
 
 import os
 
@@ -8,14 +9,54 @@ if not torch.cuda.is_available():  # must precede the first import of triton
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
 import pytest  # noqa: E402
+from tables import TOLERANCE_PARAM as TABLE_TOL_PARAM  # noqa: E402
+from tables import check as table_check  # noqa: E402
 
-pytest.importorskip("triton")
-from soap_kernels.triton import available  # noqa: E402
+from soap_kernels.kernels import step_scalars  # noqa: E402
 
-if not available()[0]:
-    pytest.skip(available()[1], allow_module_level=True)
 
-from soap_kernels.triton.adam import adam_step  # noqa: E402
+# ---------------------------------------------------------------------------------- conformance
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=str)
+@pytest.mark.parametrize("decay", [0.0, 0.1], ids=["no-wd", "wd"])
+def test_table_adam_step(table, dtype, decay):
+    """``adam_step`` of an un-preconditioned bucket (3 rows of 6 x 5, steps 3, 4, 5): moments and
+    parameters against fp64 math, the parameter rounded once to its dtype. Tolerances: fp32 state
+    to 1e-6 (one rounding per op); parameters as ``tables.TOLERANCE_PARAM`` (one rounding of the
+    stored dtype)."""
+    ok, why = table.takes((6, 5), preconditioned=(False, False))
+    if not ok:
+        pytest.skip(why)
+    gen = torch.Generator().manual_seed(3)
+    dev, rows, shape = table.device, 3, (6, 5)
+    params = [torch.randn(shape, generator=gen).to(dev, dtype) for _ in range(rows)]
+    grads = [torch.randn(shape, generator=gen).to(dev, dtype) for _ in range(rows)]
+    exp_avg = torch.randn(rows, *shape, generator=gen).to(dev)
+    exp_avg_sq = (torch.rand(rows, *shape, generator=gen) + 0.05).to(dev)
+    lr, betas, eps, steps = 1e-2, (0.9, 0.95), 1e-8, [3, 4, 5]
+    want_m = betas[0] * exp_avg.double() + (1 - betas[0]) * torch.stack([g.double() for g in grads])
+    want_v = betas[1] * exp_avg_sq.double() + (1 - betas[1]) * torch.stack([g.double() ** 2 for g in grads])
+    sizes = [lr * (1 - betas[1] ** t) ** 0.5 / (1 - betas[0] ** t) for t in steps]
+    want_p = [((p.double() - sizes[r] * want_m[r] / (want_v[r].sqrt() + eps)) * (1 - lr * decay))
+              for r, p in enumerate(params)]
+    scalars = step_scalars(torch.tensor(steps, dtype=torch.float32, device=dev), steps, lr, betas, decay, True)
+    table.make().adam_step(params, grads, exp_avg, exp_avg_sq, scalars, *betas, eps, second_moment="adam",
+                           normalize=False, views=params, from_work=lambda t: t)
+    table_check("exp_avg", exp_avg, want_m, 1e-6, 1e-6)
+    table_check("exp_avg_sq", exp_avg_sq, want_v, 1e-6, 1e-6)
+    for r, p in enumerate(params):
+        table_check(f"param {r} {dtype}", p, want_p[r].to(dtype), *TABLE_TOL_PARAM[dtype])
+
+
+# ---------------------------------------------------------------------------------- Triton internals
+try:
+    from soap_kernels.triton import available
+
+    TRITON = available()
+except ImportError as err:  # triton not installed
+    TRITON = (False, str(err))
+triton_only = pytest.mark.skipif(not TRITON[0], reason=f"Triton unavailable: {TRITON[1]}")
+if TRITON[0]:
+    from soap_kernels.triton.adam import adam_step
 
 CUDA = torch.cuda.is_available()
 DEVICE = "cuda" if CUDA else "cpu"
@@ -74,6 +115,7 @@ def run_and_compare(params, grads, exp_avgs, exp_avg_sqs, step_sizes, beta1, bet
         check(f"exp_avg_sq {i}", exp_avg_sqs[i], ref_v[i], *TOL_STATE)
 
 
+@triton_only
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=str)
 def test_adam_step_matches_torch(dtype):
     gen = torch.Generator().manual_seed(0)
@@ -82,12 +124,14 @@ def test_adam_step_matches_torch(dtype):
     run_and_compare(*state, step_sizes, 0.9, 0.95, 1e-8, 0.9)
 
 
+@triton_only
 def test_adam_step_several_steps_fp32():
     gen = torch.Generator().manual_seed(1)
     state = make_state(SHAPES, torch.float32, gen)
     run_and_compare(*state, [0.1, 0.2, 0.05, 0.3, 0.01, 0.1], 0.95, 0.95, 1e-8, 0.99, steps=3)
 
 
+@triton_only
 def test_adam_step_mixed_dtypes_and_fp32_grads():
     """bf16 and fp32 params in one call (one launch per dtype pair), fp32 grads for bf16 params."""
     gen = torch.Generator().manual_seed(2)
@@ -98,6 +142,7 @@ def test_adam_step_mixed_dtypes_and_fp32_grads():
     run_and_compare(*state, 0.1, 0.3, 0.6, 1e-3, 1.0)  # 1-β1 >= 0.5: torch.lerp's other branch
 
 
+@triton_only
 def test_adam_step_pointer_tables_follow_new_tensors():
     """Same shapes, new allocations: the cached tables must not point at the old tensors."""
     gen = torch.Generator().manual_seed(3)
@@ -106,6 +151,7 @@ def test_adam_step_pointer_tables_follow_new_tensors():
         run_and_compare(*state, 0.1, 0.9, 0.95, 1e-8, 0.95)
 
 
+@triton_only
 def test_validation_messages():
     p = [torch.zeros(3, device=DEVICE)]
     with pytest.raises(ValueError, match="equal lengths"):
@@ -122,6 +168,7 @@ def test_validation_messages():
 
 
 @gpu_only
+@triton_only
 def test_gpu_large_mixed():
     gen = torch.Generator().manual_seed(4)
     shapes = [(768,), (3072,), (50257 * 3,), (768, 768), (1,)]
