@@ -346,3 +346,26 @@ def test_cpu_kernel_variants_match_torch(capability: str | None) -> None:
         assert result["variant"] == "DEFAULT"
     assert result["m_equal"] and result["v_equal"]
     assert result["d_rel"] <= STATE_TOLERANCE["rtol"]
+
+
+def test_the_torch_table_fast_path_calls_these_ops(table, monkeypatch) -> None:
+    """The conformance tables ``torch-native`` and ``torch-plain`` (tests/tables.py) really differ:
+    the first runs this module's ops for fp32 CPU buckets, the second never does."""
+    if table.native is None:
+        pytest.skip(f"{table.name} is not the torch table")
+    from soap_kernels.kernels import step_scalars
+
+    calls = []
+    for name in ("moment_update", "adam_step"):
+        real = getattr(_native, name)
+        monkeypatch.setattr(_native, name, lambda *a, _real=real, _name=name, **k: calls.append(_name) or _real(*a, **k))
+    kernels = table.make()
+    _, grads, exp_avgs, exp_avg_sqs = make_state([(4, 3)] * 2, "cpu", seed=14)
+    exp_avg, exp_avg_sq = torch.stack(exp_avgs), torch.stack(exp_avg_sqs)
+    kernels.rotate_in_moments(grads, [None, None], exp_avg, exp_avg_sq, 0.9, 0.95, 1e-8, second_moment="adam",
+                              workspace=None)
+    params = [torch.zeros(4, 3), torch.zeros(4, 3)]
+    scalars = step_scalars(torch.ones(2), [1, 1], 1e-3, (0.9, 0.95), 0.0, True)
+    kernels.adam_step(params, grads, exp_avg, exp_avg_sq, scalars, 0.9, 0.95, 1e-8, second_moment="adam",
+                      normalize=False, views=params, from_work=lambda x: x)
+    assert calls == (["moment_update", "adam_step"] if table.native else [])
