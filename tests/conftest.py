@@ -19,10 +19,10 @@ from collections.abc import Callable, Sequence
 
 import pytest
 import torch
+from tables import TABLES
 
 from soap_kernels import SOAP, ops
 from soap_kernels.reference import make_layout
-from tables import TABLES
 
 # One table of tolerances per parameter dtype: relative error of the parameter trajectory and of
 # each state tensor, torch engine vs reference (both fp32 math; bf16/fp16 differ by one rounding of

@@ -10,9 +10,9 @@ standalone re-expression and permutation, validation messages, GPU sizes.
 
 import pytest
 import torch
+from tables import TOLERANCE, check, orthonormal, rotate64
 
 from soap_kernels import select
-from tables import TOLERANCE, check, orthonormal, rotate64
 
 SIZES = [(3, 5), (1, 1), (1, 13), (2, 37)]  # (rows R, d)
 TOL = TOLERANCE["refresh"]

@@ -9,11 +9,11 @@ messages and the tf32/bf16 rotation modes; and GPU-only shapes.
 
 import pytest
 import torch
+from tables import TOLERANCE, TOLERANCE_PARAM, check, make_qs, orthonormal, rotate64, step_sizes64
 
 from soap_kernels import select
 from soap_kernels.kernels import step_scalars
 from soap_kernels.layout import make_layout
-from tables import TOLERANCE, TOLERANCE_PARAM, check, make_qs, orthonormal, rotate64, step_sizes64
 
 SHAPES = [(3, 5, 7), (1, 5, 7), (3, 1, 9), (1, 13, 1), (2, 37, 20)]  # (B, m, n); 37x20: several tiles
 SIDES = ["both", "left", "right", "none"]

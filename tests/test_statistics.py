@@ -7,9 +7,9 @@ written out in fp64. Part 2, the Triton module's internals: ``gram``, validation
 
 import pytest
 import torch
+from tables import TOLERANCE, check, unfold_gram64
 
 from soap_kernels import select
-from tables import TOLERANCE, check, unfold_gram64
 
 SHAPES = [(3, 5, 7), (1, 5, 7), (3, 1, 9), (1, 13, 1), (2, 37, 20)]  # (B, m, n); 37: 3x3 tiles
 SIDES = ["both", "left", "right"]
