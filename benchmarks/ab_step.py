@@ -1,0 +1,129 @@
+"""Same-process A/B of the whole SOAP step: implementation variants swapped in per refresh cycle.
+
+One optimizer on the ``cpu`` set (bench_step's hyperparameters, ``backend="torch"``); each round
+runs one whole refresh cycle (f steps) per variant, the order rotating per round, so load that
+comes and goes on a shared machine falls on every variant alike. Variants must give the same bits
+(not checked here: check bits with the tests).
+Reports per variant the median non-refresh step and refresh step, and their ratio to the first.
+
+    python benchmarks/ab_step.py --variants before-18,current --rounds 6
+
+Variants: ``current`` (the code as it is) and ``before-N``: the code path as it was before
+benchmarks/NOTES.md item N, kept here as a copy for the measurement (item 18 was reverted, so
+``before-18`` is now the current code again: apply results/notes18_in_place_qr_reverted.patch to
+repeat that A/B).
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import statistics
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import harness  # noqa: E402
+
+from soap_kernels import SOAP, lapack, ops  # noqa: E402
+
+
+def _refresh_factor_before_18(stats, q):
+    """ops.refresh_factor before NOTES item 18: row-major Pᵀ B P, torch's copying geqrf/orgqr."""
+    est = stats.diagonal(dim1=-2, dim2=-1)
+    perm = torch.argsort(est, dim=-1, descending=True)
+    permuted = torch.empty_like(stats)
+    for out, s, p in zip(permuted, stats, perm):
+        torch.index_select(s.index_select(0, p), 1, p, out=out)
+    q_perm = torch.empty_like(q)
+    for out, qi, p in zip(q_perm, q, perm):
+        torch.index_select(qi, 1, p, out=out)
+    q_mix, r = lapack.qr(permuted)
+    sign = torch.sign(r.diagonal(dim1=-2, dim2=-1))
+    sign[sign == 0] = 1.0
+    q_mix.mul_(sign[:, None, :])
+    r.mul_(sign[:, :, None])
+    ops._triangular_product_symmetric(r, q_mix, out=stats)
+    torch.matmul(q_perm, q_mix, out=q)
+    return perm, q_mix
+
+
+PATCHES = {
+    "before-18": [(ops, "refresh_factor", _refresh_factor_before_18)],
+}
+
+
+@contextlib.contextmanager
+def variant(name: str) -> Iterator[None]:
+    saved = [(mod, attr, getattr(mod, attr)) for mod, attr, _ in PATCHES.get(name, [])]
+    for mod, attr, fn in PATCHES.get(name, []):
+        setattr(mod, attr, fn)
+    try:
+        yield
+    finally:
+        for mod, attr, fn in saved:
+            setattr(mod, attr, fn)
+
+
+def main(argv=None) -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--variants", default="before-18,current")
+    p.add_argument("--rounds", type=int, default=6)
+    p.add_argument("--frequency", type=int, default=10)
+    p.add_argument("--preset", default="cpu", choices=sorted(harness.PRESETS))
+    args = p.parse_args(argv)
+    names = args.variants.split(",")
+    for n in names:
+        if n != "current" and n not in PATCHES:
+            raise SystemExit(f"unknown variant {n!r}: current, {', '.join(PATCHES)}")
+    shapes = harness.gpt_shapes(*harness.PRESETS[args.preset])
+    gen = torch.Generator().manual_seed(0)
+    params = [torch.nn.Parameter(torch.randn(s, generator=gen).mul_(0.02)) for s in shapes]
+    grads = [[torch.randn(s, generator=gen).mul_(1e-2) for s in shapes] for _ in range(2)]
+    opt = SOAP(params, lr=1e-3, betas=(0.95, 0.95), eps=1e-8, weight_decay=0.01,
+               precondition_frequency=args.frequency, backend="torch")
+    calls = 0
+
+    def step() -> float:
+        nonlocal calls
+        for prm, g in zip(params, grads[calls % 2]):
+            prm.grad = g
+        t0 = time.perf_counter()
+        opt.step()
+        calls += 1
+        return time.perf_counter() - t0
+
+    for _ in range(args.frequency + 1):  # initialising step + one cycle ending with a refresh
+        step()
+    rate = harness.matmul_rate(torch.device("cpu"))
+    floor = harness.lean_flops(shapes) / rate
+    print(f"{args.preset}: threads {torch.get_num_threads()}, matmul {rate / 1e9:.1f} GFLOP/s, floor "
+          f"{floor * 1e3:.1f} ms, load before {harness.load_average()}", flush=True)
+    times: dict[str, tuple[list[float], list[float]]] = {n: ([], []) for n in names}
+    for r in range(args.rounds):
+        order = names[r % len(names):] + names[: r % len(names)]
+        for n in order:
+            with variant(n):
+                for _ in range(args.frequency):
+                    t = step()
+                    # call c (from 0) is update c, a refresh when c % f == 0
+                    (times[n][1] if (calls - 1) % args.frequency == 0 else times[n][0]).append(t)
+    base = names[0]
+    med = {n: (statistics.median(a), statistics.median(b)) for n, (a, b) in times.items()}
+    print(f"load after {harness.load_average()}; {args.rounds} rounds, medians (ms):")
+    for n in names:
+        between, refresh = med[n]
+        amort = ((args.frequency - 1) * between + refresh) / args.frequency
+        b0, r0 = med[base]
+        a0 = ((args.frequency - 1) * b0 + r0) / args.frequency
+        print(f"  {n:12s} non-refresh {between * 1e3:7.1f} ({between / b0:.3f}x)  refresh {refresh * 1e3:7.1f} "
+              f"({refresh / r0:.3f}x)  amortized {amort * 1e3:7.1f} ({amort / a0:.3f}x; {amort / floor:.2f}x floor)"
+              f"  refresh steps {[round(x * 1e3) for x in times[n][1]]}")
+
+
+if __name__ == "__main__":
+    main()
