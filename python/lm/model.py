@@ -76,6 +76,20 @@ PRESETS: dict[str, Preset] = {
         lr={"adamw": 3e-3, "soap": 6e-3, "shampoo": 6e-3},
         description="default: the three-optimizer comparison in <= 10 min on 2 CPU cores",
     ),
+    "cpu4x": Preset(
+        d_model=256,
+        n_layers=4,
+        n_heads=8,
+        ctx=64,
+        batch_size=256,
+        steps=150,
+        eval_every=15,
+        eval_batches=4,
+        # The cpu preset's data and budget with twice the width (3.9x its parameters, the same head size).
+        # Learning rates carried over from the cpu preset's grids, not tuned at this width.
+        lr={"adamw": 3e-3, "soap": 6e-3, "shampoo": 6e-3},
+        description="does the gain hold as the model grows: 4x the cpu preset's parameters, same tokens",
+    ),
     "gpu": Preset(
         d_model=384,
         n_layers=6,

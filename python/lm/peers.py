@@ -46,6 +46,7 @@ What each peer's source says, and where the mapping cannot make it equal to the 
 from __future__ import annotations
 
 import importlib
+import importlib.metadata
 import importlib.util
 import sys
 from pathlib import Path
@@ -82,9 +83,17 @@ def peer_available(name: str, upstream_path: str | None = None) -> tuple[bool, s
         module = _import(name)
     except ImportError as exc:
         return False, f"{name}: {_MODULES[name]} is not installed ({exc}); install it with: {INSTALL}"
-    version = getattr(module, "__version__", "?")
+    version = getattr(module, "__version__", None) or _distribution_version(_MODULES[name])
     note = "" if version in ("?", _VERSIONS[name]) else f" (tested with {_VERSIONS[name]})"
     return True, f"{_MODULES[name]} {version}{note}"
+
+
+def _distribution_version(distribution: str) -> str:
+    """The installed version of ``distribution`` from its metadata (HeavyBall has no ``__version__``), else ``?``."""
+    try:
+        return importlib.metadata.version(distribution)
+    except importlib.metadata.PackageNotFoundError:
+        return "?"
 
 
 def load_upstream_soap(path: str) -> type:
