@@ -19,7 +19,7 @@ from collections.abc import Callable, Sequence
 
 import pytest
 import torch
-from tables import TABLES
+from kernel_tables import TABLES
 
 from soap_kernels import SOAP, ops
 from soap_kernels.reference import make_layout
@@ -162,7 +162,7 @@ def _restore_thread_count():
 
 @pytest.fixture(params=TABLES, ids=[t.name for t in TABLES])
 def table(request, monkeypatch):
-    """Each kernel table of ``tests/tables.py`` in turn (skipped, with the reason, where it cannot
+    """Each kernel table of ``tests/kernel_tables.py`` in turn (skipped, with the reason, where it cannot
     run); the torch table's native fast path is switched on or off for the test's duration."""
     entry = request.param
     ok, why = entry.available()

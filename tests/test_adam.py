@@ -9,8 +9,8 @@ if not torch.cuda.is_available():  # must precede the first import of triton
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
 import pytest  # noqa: E402
-from tables import TOLERANCE_PARAM as TABLE_TOL_PARAM  # noqa: E402
-from tables import check as table_check  # noqa: E402
+from kernel_tables import TOLERANCE_PARAM as TABLE_TOL_PARAM  # noqa: E402
+from kernel_tables import check as table_check  # noqa: E402
 
 from soap_kernels.kernels import step_scalars  # noqa: E402
 
@@ -21,7 +21,7 @@ from soap_kernels.kernels import step_scalars  # noqa: E402
 def test_table_adam_step(table, dtype, decay):
     """``adam_step`` of an un-preconditioned bucket (3 rows of 6 x 5, steps 3, 4, 5): moments and
     parameters against fp64 math, the parameter rounded once to its dtype. Tolerances: fp32 state
-    to 1e-6 (one rounding per op); parameters as ``tables.TOLERANCE_PARAM`` (one rounding of the
+    to 1e-6 (one rounding per op); parameters as ``kernel_tables.TOLERANCE_PARAM`` (one rounding of the
     stored dtype)."""
     ok, why = table.takes((6, 5), preconditioned=(False, False))
     if not ok:

@@ -349,7 +349,7 @@ def test_cpu_kernel_variants_match_torch(capability: str | None) -> None:
 
 
 def test_the_torch_table_fast_path_calls_these_ops(table, monkeypatch) -> None:
-    """The conformance tables ``torch-native`` and ``torch-plain`` (tests/tables.py) really differ:
+    """The conformance tables ``torch-native`` and ``torch-plain`` (tests/kernel_tables.py) really differ:
     the first runs this module's ops for fp32 CPU buckets, the second never does."""
     if table.native is None:
         pytest.skip(f"{table.name} is not the torch table")

@@ -1,7 +1,7 @@
 """The refresh family (``refresh_factor``, ``refresh_moments``, ``reorthonormalize_``;
 soap_kernels/triton/refresh.py, soap_kernels/ops.py).
 
-Part 1, conformance: every kernel table of ``tests/tables.py`` (the ``table`` fixture) through its
+Part 1, conformance: every kernel table of ``tests/kernel_tables.py`` (the ``table`` fixture) through its
 :class:`~soap_kernels.kernels.Kernels` methods, against the refresh written out in fp64 (sort
 ``diag(B)`` descending, Householder QR of ``PᵀBP`` with a positive diagonal, ``q ← (qP)·Q_m``,
 ``B ← R·Q_m``). Part 2, the Triton module's internals: CholeskyQR and its fallback counter, the
@@ -10,7 +10,7 @@ standalone re-expression and permutation, validation messages, GPU sizes.
 
 import pytest
 import torch
-from tables import TOLERANCE, check, orthonormal, rotate64
+from kernel_tables import TOLERANCE, check, orthonormal, rotate64
 
 from soap_kernels import select
 

@@ -1,7 +1,7 @@
 """The rotation family (``rotate_in_moments``, ``rotate_back_update``; soap_kernels/triton/rotate.py
 and soap_kernels/ops.py).
 
-Part 1, conformance: every kernel table of ``tests/tables.py`` (the ``table`` fixture) through its
+Part 1, conformance: every kernel table of ``tests/kernel_tables.py`` (the ``table`` fixture) through its
 :class:`~soap_kernels.kernels.Kernels` methods, against the formulas written out in fp64.
 Part 2, the Triton module's own internals: its standalone rotations, launcher forms, validation
 messages and the tf32/bf16 rotation modes; and GPU-only shapes.
@@ -9,7 +9,7 @@ messages and the tf32/bf16 rotation modes; and GPU-only shapes.
 
 import pytest
 import torch
-from tables import TOLERANCE, TOLERANCE_PARAM, check, make_qs, orthonormal, rotate64, step_sizes64
+from kernel_tables import TOLERANCE, TOLERANCE_PARAM, check, make_qs, orthonormal, rotate64, step_sizes64
 
 from soap_kernels import select
 from soap_kernels.kernels import step_scalars

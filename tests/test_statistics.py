@@ -1,13 +1,13 @@
 """The statistics update ``update_statistics`` (soap_kernels/triton/statistics.py, soap_kernels/ops.py).
 
-Part 1, conformance: every kernel table of ``tests/tables.py`` (the ``table`` fixture) through
+Part 1, conformance: every kernel table of ``tests/kernel_tables.py`` (the ``table`` fixture) through
 :meth:`~soap_kernels.kernels.Kernels.update_statistics`, against ``βs·B + (1−βs)·G'_(i) G'_(i)ᵀ``
 written out in fp64. Part 2, the Triton module's internals: ``gram``, validation messages, GPU shapes.
 """
 
 import pytest
 import torch
-from tables import TOLERANCE, check, unfold_gram64
+from kernel_tables import TOLERANCE, check, unfold_gram64
 
 from soap_kernels import select
 
