@@ -122,17 +122,10 @@ def test_table_adam_step_normalize_and_no_views(table, normalize, views):
     table_check("params", torch.stack(params), torch.stack(want_p).reshape(rows, 6), 1e-6, 1e-6)
 
 
-FP64_STEP_SIZE_BUG = ("known bug: TorchKernels.rotate_back_update's unfused path (every adam_step, normalize, "
-                      "no views) rounds the step sizes to float32 (torch.tensor(sizes, dtype=torch.float32)), so "
-                      "fp64 parameters move by an update with a 2^-24 relative error")
-
-
 @pytest.mark.parametrize("case", ["fp64", "adafactor"])
-def test_table_adam_step_torch_only_buckets(table, case, request):
+def test_table_adam_step_torch_only_buckets(table, case):
     """fp64 state (fp64 math, tolerance a few fp64 ulps) and the factored (adafactor) second moment
     of a [5, 4] working shape: buckets select never gives the Triton table."""
-    if case == "fp64" and table.native is not None:
-        request.applymarker(pytest.mark.xfail(strict=True, reason=FP64_STEP_SIZE_BUG))
     dtype = torch.float64 if case == "fp64" else torch.float32
     second_moment = "adafactor" if case == "adafactor" else "adam"
     ok, why = table.takes((5, 4), second_moment, dtype, preconditioned=(False, False))

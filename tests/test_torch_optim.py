@@ -237,7 +237,10 @@ class TestOptimRenewed(TestCase):
             bias_c = bias.detach().clone().requires_grad_(True)
             x = torch.randn(5, device=device, dtype=dtype)
             kwargs = {k: v for k, v in optim_input.kwargs.items() if k != "lr"}
-            lr = 1.0 if optim_info.step_requires_closure else 1e-3
+            # The float is the tensor's value (1e-3 in fp32 is 0.0010000000475): fp64 parameters take
+            # fp64 step sizes, and with the float 1e-3 itself this 4.7e-8 relative difference in lr
+            # moved the fp64 weights by up to 1.8e-7 in 5 steps (precondition_1d; rank-1 factors).
+            lr = torch.tensor(1.0 if optim_info.step_requires_closure else 1e-3).item()
             optimizer_r = optim_cls([weight, bias], lr=lr, **kwargs)
             try:
                 optimizer = optim_cls([weight_c, bias_c], lr=torch.tensor(lr).reshape([1] * num_dim).to(lr_device),
