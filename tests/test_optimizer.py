@@ -295,3 +295,24 @@ def test_drift_schedule_refreshes_only_drifted_factors():
     changed = [t for t in range(1, len(q_history)) if not torch.equal(q_history[t], q_history[t - 1])]
     # step() call k performs update t = k (the first call initialises): max_every=6 forces t = 6, 12.
     assert changed == [6, 12]
+
+
+def test_memory_info_counts_the_algorithms_state_and_one_shared_workspace():
+    """``memory_info``: state = the reference's tensors (two moments per parameter, a statistic and
+    a basis per preconditioned dim) plus a 4-byte step counter per parameter; workspace = two
+    buffers of the largest bucket, shared (not a pair per bucket)."""
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(16, 8), torch.nn.Linear(8, 8), torch.nn.Linear(8, 8))
+    params = list(model.parameters())
+    opt, ref = SOAP(params, lr=1e-3), SOAP([p.detach().clone().requires_grad_() for p in params], lr=1e-3,
+                                            backend="reference")
+    for _ in range(3):
+        x = torch.randn(4, 16)
+        for o in (opt, ref):
+            o.zero_grad()
+            torch.func.functional_call(model, dict(zip([n for n, _ in model.named_parameters()],
+                                                       o.param_groups[0]["params"])), (x,)).sum().backward()
+            o.step()
+    algorithm = sum(4 * (2 * p.numel() + (2 * sum(d * d for d in p.shape) if p.dim() == 2 else 0)) for p in params)
+    assert ref.memory_info() == {"state_bytes": algorithm, "workspace_bytes": 0}
+    assert opt.memory_info() == {"state_bytes": algorithm + 4 * len(params), "workspace_bytes": 2 * 4 * 16 * 8}
