@@ -458,7 +458,8 @@ class TorchKernels(Kernels):
             normalize_rows_(update)
         sizes = _sizes(scalars)
         if not isinstance(sizes, Tensor):
-            sizes = torch.tensor(sizes, dtype=update.dtype).to(update.device, non_blocking=True)  # fp64 state: fp64 sizes
+            dtype = torch.float64 if update.dtype == torch.float64 else torch.float32  # fp64 state: fp64 sizes
+            sizes = torch.tensor(sizes, dtype=dtype).to(update.device, non_blocking=True)
         _scale_rows(update, sizes)
         apply_update(params, [from_work(u) for u in update.unbind(0)], None if scalars.decay == 1.0 else scalars.decay)
 
