@@ -6,12 +6,12 @@ comes and goes on a shared machine falls on every variant alike. Variants must g
 (not checked here: check bits with the tests).
 Reports per variant the median non-refresh step and refresh step, and their ratio to the first.
 
-    python benchmarks/ab_step.py --variants before-18,current --rounds 6
+    python benchmarks/ab_step.py --variants before-N,current --rounds 6
 
 Variants: ``current`` (the code as it is) and ``before-N``: the code path as it was before
-benchmarks/NOTES.md item N, kept here as a copy for the measurement (item 18 was reverted, so
-``before-18`` is now the current code again: apply results/notes18_in_place_qr_reverted.patch to
-repeat that A/B).
+benchmarks/NOTES.md item N, added to ``PATCHES`` as a copy while item N is measured. None now:
+item 18 was reverted; to repeat its A/B apply results/notes18_in_place_qr_reverted.patch and put
+the old ``ops.refresh_factor`` back here as ``before-18``.
 """
 
 from __future__ import annotations
@@ -29,32 +29,11 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import harness  # noqa: E402
 
-from soap_kernels import SOAP, lapack, ops  # noqa: E402
+from soap_kernels import SOAP  # noqa: E402
 
-
-def _refresh_factor_before_18(stats, q):
-    """ops.refresh_factor before NOTES item 18: row-major Pᵀ B P, torch's copying geqrf/orgqr."""
-    est = stats.diagonal(dim1=-2, dim2=-1)
-    perm = torch.argsort(est, dim=-1, descending=True)
-    permuted = torch.empty_like(stats)
-    for out, s, p in zip(permuted, stats, perm):
-        torch.index_select(s.index_select(0, p), 1, p, out=out)
-    q_perm = torch.empty_like(q)
-    for out, qi, p in zip(q_perm, q, perm):
-        torch.index_select(qi, 1, p, out=out)
-    q_mix, r = lapack.qr(permuted)
-    sign = torch.sign(r.diagonal(dim1=-2, dim2=-1))
-    sign[sign == 0] = 1.0
-    q_mix.mul_(sign[:, None, :])
-    r.mul_(sign[:, :, None])
-    ops._triangular_product_symmetric(r, q_mix, out=stats)
-    torch.matmul(q_perm, q_mix, out=q)
-    return perm, q_mix
-
-
-PATCHES = {
-    "before-18": [(ops, "refresh_factor", _refresh_factor_before_18)],
-}
+# name -> [(module, attribute, replacement)]. Empty while no change is under measurement (item 18's
+# "before" copy equalled the current code once the item was reverted, so it went).
+PATCHES: dict[str, list] = {}
 
 
 @contextlib.contextmanager
@@ -71,7 +50,7 @@ def variant(name: str) -> Iterator[None]:
 
 def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--variants", default="before-18,current")
+    p.add_argument("--variants", default="current")
     p.add_argument("--rounds", type=int, default=6)
     p.add_argument("--frequency", type=int, default=10)
     p.add_argument("--preset", default="cpu", choices=sorted(harness.PRESETS))
@@ -79,7 +58,7 @@ def main(argv=None) -> None:
     names = args.variants.split(",")
     for n in names:
         if n != "current" and n not in PATCHES:
-            raise SystemExit(f"unknown variant {n!r}: current, {', '.join(PATCHES)}")
+            raise SystemExit(f"unknown variant {n!r}: known are " + ", ".join(["current", *PATCHES]))
     shapes = harness.gpt_shapes(*harness.PRESETS[args.preset])
     gen = torch.Generator().manual_seed(0)
     params = [torch.nn.Parameter(torch.randn(s, generator=gen).mul_(0.02)) for s in shapes]
