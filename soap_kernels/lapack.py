@@ -3,11 +3,11 @@
 Measured on the project's 2-core machines: MKL's ``eigh``/``qr`` can run several times slower with
 all threads than with one (a batch of six 1024² QRs: 0.42 s at one thread, 1.52 s at two), while on
 other machines the opposite holds. A batch can also be split over the cores, each piece running
-single-threaded. Both ways are meant to give the same bits (every matrix is factored
-single-threaded) and do in isolation, but in a running optimizer a split refresh has been seen
-to differ by 1e-7 relative (docs/DESIGN.md §7): until the cause is found the split is a candidate only with
-``SOAP_LAPACK_SPLIT=1``, and by default a batch runs at one thread. Which is faster depends on the machine *and on what
-else runs on it*: a choice measured once, while another process was busy, would stay wrong.
+single-threaded: both ways give the same bits (every matrix is factored single-threaded, and the
+split lays its results out as the batched call does: a row-major copy of LAPACK's column-major Q
+had made the GEMMs that read it round differently, docs/DESIGN.md §7). Which is faster depends on
+the machine *and on what else runs on it*: a choice measured once, while another process was
+busy, would stay wrong.
 
 So nothing is locked in. Every CPU call for a given (op, matrix size, batch size) is timed, per
 matrix, and the choice follows the latest measurements (:class:`_Chooser`): the first call runs
@@ -19,8 +19,9 @@ losing, and at once when the chosen way's time jumps (by :data:`CHANGE` either w
 changed) or exceeds the other's last time. A busy period therefore moves the choice to whichever
 way is faster while it lasts and lets it move back after. ``SOAP_LAPACK_MULTITHREAD=1`` adds
 all-threads LAPACK (the plain call) as a candidate (faster on some machines, but its rounding
-differs, so runs may then differ between processes). ``SOAP_LAPACK_THREADS=N`` fixes the thread
-count instead (no split, no timing). CUDA calls go straight through.
+differs, so runs may then differ between processes), ``SOAP_LAPACK_SPLIT=0`` removes the split,
+``SOAP_LAPACK_THREADS=N`` fixes the thread count instead (no split, no timing). CUDA calls go
+straight through.
 """
 
 from __future__ import annotations
@@ -161,8 +162,7 @@ def _split(fn: Callable[[Tensor], tuple[Tensor, Tensor]], x: Tensor, workers: in
         first, second = fn(flat[i : i + 1])
         with ready:
             if not outs:
-                outs.append((first.new_empty(flat.shape[0], *first.shape[1:]),
-                             second.new_empty(flat.shape[0], *second.shape[1:])))
+                outs.append((_batch_like(first, flat.shape[0]), _batch_like(second, flat.shape[0])))
         outs[0][0][i : i + 1].copy_(first)
         outs[0][1][i : i + 1].copy_(second)
 
@@ -172,11 +172,18 @@ def _split(fn: Callable[[Tensor], tuple[Tensor, Tensor]], x: Tensor, workers: in
     return first.reshape(*x.shape[:-2], *first.shape[1:]), second.reshape(*x.shape[:-2], *second.shape[1:])
 
 
+def _batch_like(single: Tensor, batch: int) -> Tensor:
+    """An empty batch of ``batch`` results laid out as the batched call lays out ``single``'s
+    (LAPACK's Q is column-major). The layout matters: the GEMMs that read the result round
+    differently for a transposed operand, so a row-major copy of the same values gave other bits
+    downstream (the split's difference of docs/DESIGN.md §7)."""
+    return single.new_empty_strided((batch, *single.shape[1:]), (single[0].numel(), *single.stride()[1:]))
+
+
 def _candidates(full: int, batch: int) -> tuple[str, ...]:
     ways = ["1"]
-    if full > 1 and batch > 1 and os.environ.get("SOAP_LAPACK_SPLIT", "0") != "0":
-        # Opt-in: in a running optimizer a split refresh has been seen to give other bits than
-        # one thread (docs/DESIGN.md §7), so by default every batch runs at one thread.
+    if full > 1 and batch > 1 and os.environ.get("SOAP_LAPACK_SPLIT", "1") != "0":
+        # The same bits as one thread (SOAP_LAPACK_SPLIT=0 leaves it out).
         ways.append("split")
     if full > 1 and os.environ.get("SOAP_LAPACK_MULTITHREAD", "0") != "0":
         # Multi-threaded LAPACK rounds differently from single-threaded LAPACK, so it is a

@@ -40,6 +40,18 @@ def test_split_batch_equals_one_thread(batch):
     one = lapack._one(lapack._householder_qr, x)
     split = lapack._split(lapack._householder_qr, x, 2)
     assert torch.equal(one[0], split[0]) and torch.equal(one[1], split[1])
+    # The same layout too: a GEMM reading a row-major copy of LAPACK's column-major Q rounds
+    # differently (docs/DESIGN.md §7).
+    assert one[0].stride() == split[0].stride() and one[1].stride() == split[1].stride()
+    assert torch.equal(one[0] @ x, split[0] @ x)
+
+
+def test_split_eigh_keeps_the_layout():
+    x = spd_batch(3, 20, seed=4)
+    one = lapack._one(torch.linalg.eigh, x)
+    split = lapack._split(torch.linalg.eigh, x, 2)
+    for a, b in zip(one, split):
+        assert torch.equal(a, b) and a.stride() == b.stride()
 
 
 @pytest.mark.parametrize("d", [7, 128, 131, 200])
@@ -91,7 +103,7 @@ class FakeTimings:
         monkeypatch.setattr(lapack, "_choice", {})
         monkeypatch.delenv("SOAP_LAPACK_THREADS", raising=False)
         monkeypatch.delenv("SOAP_LAPACK_MULTITHREAD", raising=False)
-        monkeypatch.setenv("SOAP_LAPACK_SPLIT", "1")  # the split is opt-in (docs/DESIGN.md §7)
+        monkeypatch.delenv("SOAP_LAPACK_SPLIT", raising=False)
 
 
 def _calls(timings, n, x, want):

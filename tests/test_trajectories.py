@@ -14,6 +14,8 @@ import torch
 from conftest import TOLERANCE, rel_err
 from trajectories import CASES, TRITON_CASES, backends_here, trajectory
 
+from soap_kernels import lapack
+
 RECORDING = Path(__file__).parent / "data" / "trajectories_542cb77.pt"
 SAME_TORCH = torch.__version__ == "2.13.0+cpu"
 RECORDED_THREADS = 2
@@ -23,13 +25,18 @@ def _recorded():
     return torch.load(RECORDING, weights_only=False)
 
 
+def _lapack_way(monkeypatch, way: str) -> None:
+    """Every batched LAPACK call run one way: ``"1"`` (the batch at one thread) or ``"split"``
+    (its matrices split over the cores, each single-threaded); single matrices at one thread."""
+    monkeypatch.delenv("SOAP_LAPACK_THREADS", raising=False)
+    monkeypatch.delenv("SOAP_LAPACK_MULTITHREAD", raising=False)
+    monkeypatch.setattr(lapack, "_candidates", lambda full, batch: (way,) if batch > 1 and full > 1 else ("1",))
+
+
 @pytest.fixture(autouse=True)
 def one_lapack_thread(monkeypatch):
-    """LAPACK at one thread, as the recording's runs took it. lapack.py's adaptive choice (which
-    came after the recording) probes the batch split at a bucket's second refresh, and in these
-    runs the split's bits differed from one thread's (bucket-of-four, mixed-model: 1e-7 relative;
-    docs/DESIGN.md §7)."""
-    monkeypatch.setenv("SOAP_LAPACK_THREADS", "1")
+    """Every matrix factored at one thread, as the recording's runs took it."""
+    _lapack_way(monkeypatch, "1")
     # The recording ran at the 2-core machine's default of two intra-op threads; the GEMMs' bits
     # depend on it.
     threads = torch.get_num_threads()
@@ -59,6 +66,22 @@ def test_trajectory_matches_main(recorded, backend, name):
     assert err <= TOLERANCE[dtype]["param"]
     if SAME_TORCH:
         assert same, "the redesign kept these bits; a change here must be explained in docs/DESIGN.md §7"
+
+
+@pytest.mark.parametrize("name", CASE_IDS)
+def test_split_lapack_keeps_the_bits(recorded, monkeypatch, name):
+    """lapack.py's two ways give the same bits in a running optimizer: every batched QR split over
+    the cores replays the one-thread recording exactly (once it did not: the split laid Q out
+    row-major and the GEMMs reading it rounded differently, docs/DESIGN.md §7)."""
+    _lapack_way(monkeypatch, "split")
+    shapes, kwargs = next((c[1], c[2]) for c in CASES if c[0] == name)
+    old = recorded["runs"][("torch", name)]
+    new = trajectory(shapes, kwargs, "torch", steps=recorded["steps"])
+    dtype = kwargs.get("dtype", torch.float32)
+    err = max(rel_err(a.float(), b.float()) for sa, sb in zip(new, old) for a, b in zip(sa, sb))
+    assert err <= TOLERANCE[dtype]["param"]
+    if SAME_TORCH:
+        assert all(torch.equal(a, b) for sa, sb in zip(new, old) for a, b in zip(sa, sb))
 
 
 @pytest.mark.skipif("triton" not in backends_here(), reason="Triton cannot run here")
