@@ -8,7 +8,8 @@ Reports per variant the median non-refresh step and refresh step, and their rati
 
     python benchmarks/ab_step.py --variants before-N,current --rounds 6
 
-Variants: ``current`` (the code as it is) and ``before-N``: the code path as it was before
+Variants: ``current`` (the code as it is), ``env:NAME=VALUE[+NAME=VALUE]`` (the code as it is with
+those environment variables set, e.g. ``env:SOAP_LAPACK_THREADS=2``), and ``before-N``: the code path as it was before
 benchmarks/NOTES.md item N, added to ``PATCHES`` as a copy while item N is measured. None now:
 item 18 was reverted; to repeat its A/B apply results/notes18_in_place_qr_reverted.patch and put
 the old ``ops.refresh_factor`` back here as ``before-18``.
@@ -18,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import os
 import statistics
 import sys
 import time
@@ -38,6 +40,11 @@ PATCHES: dict[str, list] = {}
 
 @contextlib.contextmanager
 def variant(name: str) -> Iterator[None]:
+    """Swap in a patched variant, or set environment variables for ``env:NAME=VALUE[+NAME=VALUE]``
+    (e.g. ``env:SOAP_LAPACK_THREADS=2``: lapack.py reads its settings at every call)."""
+    settings = dict(kv.split("=", 1) for kv in name[4:].split("+")) if name.startswith("env:") else {}
+    old_env = {k: os.environ.get(k) for k in settings}
+    os.environ.update(settings)
     saved = [(mod, attr, getattr(mod, attr)) for mod, attr, _ in PATCHES.get(name, [])]
     for mod, attr, fn in PATCHES.get(name, []):
         setattr(mod, attr, fn)
@@ -46,6 +53,11 @@ def variant(name: str) -> Iterator[None]:
     finally:
         for mod, attr, fn in saved:
             setattr(mod, attr, fn)
+        for k, v in old_env.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
 
 
 def main(argv=None) -> None:
@@ -57,8 +69,8 @@ def main(argv=None) -> None:
     args = p.parse_args(argv)
     names = args.variants.split(",")
     for n in names:
-        if n != "current" and n not in PATCHES:
-            raise SystemExit(f"unknown variant {n!r}: known are " + ", ".join(["current", *PATCHES]))
+        if n != "current" and n not in PATCHES and not (n.startswith("env:") and "=" in n):
+            raise SystemExit(f"unknown variant {n!r}: known are " + ", ".join(["current", "env:NAME=VALUE", *PATCHES]))
     shapes = harness.gpt_shapes(*harness.PRESETS[args.preset])
     gen = torch.Generator().manual_seed(0)
     params = [torch.nn.Parameter(torch.randn(s, generator=gen).mul_(0.02)) for s in shapes]
