@@ -45,9 +45,8 @@ runs' records and, for the run in progress, the model, the optimizer's ``state_d
 scheduler, the data position, the RNG states and the record so far. ``--resume DIR`` continues the
 invocation whose ``--out`` was DIR, given the same options: finished runs are kept, the
 interrupted run goes on from its last checkpoint, and its loss curve is bit for bit the one an
-uninterrupted run gives (on the CPU where the run itself is reproducible: ``--lapack-threads 1``;
-soap_kernels' default choice between one thread and the batch split does not yet give the same
-bits for every matrix size, so even two uninterrupted runs may differ there).
+uninterrupted run gives (on the CPU, soap_kernels' default LAPACK choice between one thread and
+the batch split gives the same bits either way; ``--lapack-threads N`` with N > 1 does not).
 """
 
 from __future__ import annotations

@@ -154,6 +154,17 @@ def _split(fn: Callable[[Tensor], tuple[Tensor, Tensor]], x: Tensor, workers: in
         # tests/test_lapack.py once the pool was no longer created by a calibration).
         _pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="soap-lapack",
                                    initializer=torch.set_num_threads, initargs=(1,))
+    with _threads(1):
+        return _each(fn, x, _pool.map)
+
+
+def _each(fn: Callable[[Tensor], tuple[Tensor, Tensor]], x: Tensor,
+          run: Callable[..., Iterator[None]]) -> tuple[Tensor, Tensor]:
+    """``fn`` on each matrix of the batch alone (``run(task, indices)`` calls the tasks: in turn or
+    concurrently), the results gathered into one batch. Alone, each matrix sits in its own freshly
+    allocated (aligned) buffer whichever way runs it: MKL's results depend on the alignment, and
+    inside one batch a d×d fp32 matrix with d not a multiple of 4 starts off 64-byte alignment
+    (e.g. d = 83), so a batched call and per-matrix calls gave other bits there."""
     flat = x.reshape(-1, *x.shape[-2:])
     outs: list[tuple[Tensor, Tensor]] = []
     ready = threading.Lock()
@@ -166,8 +177,7 @@ def _split(fn: Callable[[Tensor], tuple[Tensor, Tensor]], x: Tensor, workers: in
         outs[0][0][i : i + 1].copy_(first)
         outs[0][1][i : i + 1].copy_(second)
 
-    with _threads(1):
-        list(_pool.map(task, range(flat.shape[0])))
+    list(run(task, range(flat.shape[0])))
     first, second = outs[0]
     return first.reshape(*x.shape[:-2], *first.shape[1:]), second.reshape(*x.shape[:-2], *second.shape[1:])
 
@@ -234,7 +244,10 @@ def _run(op: str, fn: Callable[[Tensor], tuple[Tensor, Tensor]], x: Tensor) -> t
 
 
 def _one(fn: Callable[[Tensor], tuple[Tensor, Tensor]], x: Tensor) -> tuple[Tensor, Tensor]:
+    """At one thread; a batch matrix by matrix (:func:`_each`: the split's bits for every size)."""
     with _threads(1):
+        if x.dim() > 2 and x.numel() > x.shape[-1] * x.shape[-2]:
+            return _each(fn, x, map)
         return fn(x)
 
 

@@ -284,12 +284,11 @@ def curves(results: dict) -> list[tuple]:
 
 
 def tiny_args(out: Path, optimizers: str, *extra: str) -> list[str]:
-    # --lapack-threads 1: soap_kernels' default choice between one thread and the batch split is
-    # not bit-identical for every matrix size (83, the tiny vocabulary, differs), so without it two
-    # uninterrupted runs can already differ in the last bits. --precondition-frequency 2: refreshes
-    # before and after the resumed step. --threads 1: tiny ops, and a busy machine does not slow
-    # the test down by much (two threads spin waiting for each other there).
-    return ["--preset", "tiny", "--no-progress", "--out", str(out), "--optimizers", optimizers, "--lapack-threads", "1",
+    # soap_kernels' default LAPACK choice (one thread or the split) gives the same bits either way,
+    # so no --lapack-threads. --precondition-frequency 2: refreshes before and after the resumed
+    # step. --threads 1: tiny ops, and a busy machine does not slow the test down by much (two
+    # threads spin waiting for each other there).
+    return ["--preset", "tiny", "--no-progress", "--out", str(out), "--optimizers", optimizers,
             "--threads", "1", "--precondition-frequency", "2", *extra]  # fmt: skip
 
 
