@@ -3,9 +3,10 @@
 Measured on the project's 2-core machines: MKL's ``eigh``/``qr`` can run several times slower with
 all threads than with one (a batch of six 1024² QRs: 0.42 s at one thread, 1.52 s at two), while on
 other machines the opposite holds. A batch can also be split over the cores, each piece running
-single-threaded: both ways give the same bits (every matrix is factored single-threaded, and the
-split lays its results out as the batched call does: a row-major copy of LAPACK's column-major Q
-had made the GEMMs that read it round differently, docs/DESIGN.md §7). Which is faster depends on
+single-threaded: both ways give the same bits (every matrix is factored alone, single-threaded,
+in its own aligned buffer, and the split lays its results out as the batched call does: a
+row-major copy of LAPACK's column-major Q had made the GEMMs that read it round differently, and
+an odd-sized matrix inside one batch lay off alignment, docs/DESIGN.md §7). Which is faster depends on
 the machine *and on what else runs on it*: a choice measured once, while another process was
 busy, would stay wrong.
 
