@@ -217,7 +217,10 @@ def _run(op: str, fn: Callable[[Tensor], tuple[Tensor, Tensor]], x: Tensor) -> t
         return fn(x)
     forced = os.environ.get("SOAP_LAPACK_THREADS")
     if forced:
-        with _threads(max(1, int(forced))):
+        threads = max(1, int(forced))
+        if threads == 1:  # the default's one-thread way, matrix by matrix: the same bits
+            return _one(fn, x)
+        with _threads(threads):
             return fn(x)
     full = torch.get_num_threads()
     batch = x.numel() // max(1, x.shape[-1] * x.shape[-2])

@@ -49,6 +49,14 @@ def test_split_batch_equals_one_thread(batch, d):
     assert torch.equal(one[0] @ x, split[0] @ x)
 
 
+def test_one_forced_thread_is_the_default_one_thread_way(monkeypatch):
+    x = spd_batch(3, 83, seed=6)  # odd size: a batched call would round it differently
+    want = lapack._one(lapack._householder_qr, x)
+    monkeypatch.setenv("SOAP_LAPACK_THREADS", "1")
+    q, r = lapack.qr(x)
+    assert torch.equal(q, want[0]) and torch.equal(r, want[1])
+
+
 def test_split_eigh_keeps_the_layout():
     x = spd_batch(3, 20, seed=4)
     one = lapack._one(torch.linalg.eigh, x)
