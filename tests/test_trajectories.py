@@ -26,8 +26,9 @@ def _recorded():
 
 
 def _lapack_way(monkeypatch, way: str) -> None:
-    """Every batched LAPACK call run one way: ``"1"`` (the batch at one thread) or ``"split"``
-    (its matrices split over the cores, each single-threaded); single matrices at one thread."""
+    """Every batched LAPACK call run one way: ``"1"`` (its matrices in turn at one thread) or
+    ``"split"`` (its matrices split over the cores, each single-threaded); single matrices at one
+    thread."""
     monkeypatch.delenv("SOAP_LAPACK_THREADS", raising=False)
     monkeypatch.delenv("SOAP_LAPACK_MULTITHREAD", raising=False)
     monkeypatch.setattr(lapack, "_candidates", lambda full, batch: (way,) if batch > 1 and full > 1 else ("1",))
@@ -53,17 +54,23 @@ def recorded():
 CASE_IDS = [c[0] for c in CASES]
 
 
-@pytest.mark.parametrize("backend", ["reference", "torch"])
-@pytest.mark.parametrize("name", CASE_IDS)
-def test_trajectory_matches_main(recorded, backend, name):
+def _replay(recorded, backend: str, name: str) -> tuple[float, bool, float]:
+    """Case ``name`` run again on ``backend``: (max relative error against the recording,
+    bit-identical, the dtype's parameter tolerance)."""
     shapes, kwargs = next((c[1], c[2]) for c in CASES if c[0] == name)
     old = recorded["runs"][(backend, name)]
     new = trajectory(shapes, kwargs, backend, steps=recorded["steps"])
-    dtype = kwargs.get("dtype", torch.float32)
     err = max(rel_err(a.float(), b.float()) for sa, sb in zip(new, old) for a, b in zip(sa, sb))
     same = all(torch.equal(a, b) for sa, sb in zip(new, old) for a, b in zip(sa, sb))
+    return err, same, TOLERANCE[kwargs.get("dtype", torch.float32)]["param"]
+
+
+@pytest.mark.parametrize("backend", ["reference", "torch"])
+@pytest.mark.parametrize("name", CASE_IDS)
+def test_trajectory_matches_main(recorded, backend, name):
+    err, same, tol = _replay(recorded, backend, name)
     print(f"{backend} {name}: max rel error against main {err:.2e}, bit-identical: {same}")
-    assert err <= TOLERANCE[dtype]["param"]
+    assert err <= tol
     if SAME_TORCH:
         assert same, "the redesign kept these bits; a change here must be explained in docs/DESIGN.md §7"
 
@@ -74,28 +81,19 @@ def test_split_lapack_keeps_the_bits(recorded, monkeypatch, name):
     the cores replays the one-thread recording exactly (once it did not: the split laid Q out
     row-major and the GEMMs reading it rounded differently, docs/DESIGN.md §7)."""
     _lapack_way(monkeypatch, "split")
-    shapes, kwargs = next((c[1], c[2]) for c in CASES if c[0] == name)
-    old = recorded["runs"][("torch", name)]
-    new = trajectory(shapes, kwargs, "torch", steps=recorded["steps"])
-    dtype = kwargs.get("dtype", torch.float32)
-    err = max(rel_err(a.float(), b.float()) for sa, sb in zip(new, old) for a, b in zip(sa, sb))
-    assert err <= TOLERANCE[dtype]["param"]
+    err, same, tol = _replay(recorded, "torch", name)
+    assert err <= tol
     if SAME_TORCH:
-        assert all(torch.equal(a, b) for sa, sb in zip(new, old) for a, b in zip(sa, sb))
+        assert same
 
 
 @pytest.mark.skipif("triton" not in backends_here(), reason="Triton cannot run here")
 @pytest.mark.parametrize("name", sorted(TRITON_CASES))
 def test_triton_trajectory_matches_main(recorded, name):
-    shapes, kwargs = next((c[1], c[2]) for c in CASES if c[0] == name)
     if ("triton", name) not in recorded["runs"]:
         pytest.skip("not recorded")
-    old = recorded["runs"][("triton", name)]
-    new = trajectory(shapes, kwargs, "triton", steps=recorded["steps"])
-    dtype = kwargs.get("dtype", torch.float32)
-    err = max(rel_err(a.float(), b.float()) for sa, sb in zip(new, old) for a, b in zip(sa, sb))
-    same = all(torch.equal(a, b) for sa, sb in zip(new, old) for a, b in zip(sa, sb))
+    err, same, tol = _replay(recorded, "triton", name)
     print(f"triton {name}: max rel error against main {err:.2e}, bit-identical: {same}")
-    assert err <= TOLERANCE[dtype]["param"]
+    assert err <= tol
     if SAME_TORCH:
         assert same
