@@ -12,13 +12,15 @@ busy, would stay wrong.
 
 So nothing is locked in. Every CPU call for a given (op, matrix size, batch size) is timed, per
 matrix, and the choice follows the latest measurements (:class:`_Chooser`): the first call runs
-one thread (the reference backend's way: one matrix at a time, one thread), the next tries the
-split; from then on the way whose latest call was faster is used, and the other is tried again
-on a real call (its result is used: the ways are bit-identical, so a probe wastes nothing but the
-difference in speed) after 2, 4, 8 … up to :data:`MAX_PROBE_INTERVAL` calls while it keeps
-losing, and at once when the chosen way's time jumps (by :data:`CHANGE` either way: the load
-changed) or exceeds the other's last time. A busy period therefore moves the choice to whichever
-way is faster while it lasts and lets it move back after. ``SOAP_LAPACK_MULTITHREAD=1`` adds
+the split (where there is a core to spare it is the faster way, and the ways give the same
+bits), the next tries one thread; from then on the way whose latest call was faster is used, and
+the other is tried again on a real call after 2, 4, 8 … up to :data:`MAX_PROBE_INTERVAL` calls
+while it keeps losing, and at once when the chosen way's time jumps (by :data:`CHANGE` either
+way: the load changed) or exceeds the other's last time. A probe runs the other way on part of
+the batch only (one matrix, or one per worker for the split) and the rest the chosen way, and
+its result is used: the ways are bit-identical, so a probe costs only the difference in speed on
+that part. A busy period therefore moves the choice to whichever way is faster while it lasts
+and lets it move back after. ``SOAP_LAPACK_MULTITHREAD=1`` adds
 all-threads LAPACK (the plain call) as a candidate (faster on some machines, but its rounding
 differs, so runs may then differ between processes), ``SOAP_LAPACK_SPLIT=0`` removes the split,
 ``SOAP_LAPACK_THREADS=N`` fixes the thread count instead (no split, no timing). CUDA calls go
@@ -194,8 +196,9 @@ def _batch_like(single: Tensor, batch: int) -> Tensor:
 def _candidates(full: int, batch: int) -> tuple[str, ...]:
     ways = ["1"]
     if full > 1 and batch > 1 and os.environ.get("SOAP_LAPACK_SPLIT", "1") != "0":
-        # The same bits as one thread (SOAP_LAPACK_SPLIT=0 leaves it out).
-        ways.append("split")
+        # The same bits as one thread (SOAP_LAPACK_SPLIT=0 leaves it out); tried first, as the
+        # way that uses the cores.
+        ways.insert(0, "split")
     if full > 1 and os.environ.get("SOAP_LAPACK_MULTITHREAD", "0") != "0":
         # Multi-threaded LAPACK rounds differently from single-threaded LAPACK, so it is a
         # candidate only on request: by default every choice gives the same bits.
@@ -234,8 +237,14 @@ def _run(op: str, fn: Callable[[Tensor], tuple[Tensor, Tensor]], x: Tensor) -> t
         if chooser is None or chooser.ways != ways:
             chooser = _choosers[key] = _Chooser(ways)
         way = chooser.pick()
+        current = chooser.current
+        part = _probe_part(way, full, batch) if way != current and current in chooser.latest else batch
     if len(ways) == 1:
         out = _execute(way, fn, x, full, batch)
+    elif part < batch:
+        out, elapsed = _probe(fn, x, way, part, current, full)
+        with _lock:
+            chooser.record(way, elapsed / part)
     else:
         t0 = _clock()
         out = _execute(way, fn, x, full, batch)
@@ -245,6 +254,32 @@ def _run(op: str, fn: Callable[[Tensor], tuple[Tensor, Tensor]], x: Tensor) -> t
     with _lock:
         _choice[(name, x.shape[-1])] = chooser.current
     return out
+
+
+def _probe_part(way: str, full: int, batch: int) -> int:
+    """How many matrices of the batch a probe of ``way`` runs: one per worker for the split (one
+    round of it), one for the other ways."""
+    return min(batch, min(full, batch) if way == "split" else 1)
+
+
+def _probe(fn: Callable[[Tensor], tuple[Tensor, Tensor]], x: Tensor, way: str, part: int, current: str,
+           full: int) -> tuple[tuple[Tensor, Tensor], float]:
+    """The first ``part`` matrices of the batch run ``way`` (timed), the rest ``current``; the
+    results are joined into one batch laid out as the batched call lays it out. Returns the
+    results and the probed part's seconds."""
+    flat = x.reshape(-1, *x.shape[-2:])
+    batch = flat.shape[0]
+    t0 = _clock()
+    head = _execute(way, fn, flat[:part], full, part)
+    elapsed = _clock() - t0
+    tail = _execute(current, fn, flat[part:], full, batch - part)
+    joined = []
+    for a, b in zip(head, tail):
+        out = _batch_like(a, batch)
+        out[:part].copy_(a)
+        out[part:].copy_(b)
+        joined.append(out.reshape(*x.shape[:-2], *out.shape[1:]))
+    return (joined[0], joined[1]), elapsed
 
 
 def _one(fn: Callable[[Tensor], tuple[Tensor, Tensor]], x: Tensor) -> tuple[Tensor, Tensor]:

@@ -100,11 +100,13 @@ class FakeTimings:
         self.now = 0.0
         self.cost = dict(cost)
         self.ran: list[str] = []
+        self.sizes: list[int] = []
         real = lapack._execute
 
         def execute(way, fn, x, full, batch):
             out = real(way, fn, x, full, batch)
             self.ran.append(way)
+            self.sizes.append(batch)
             self.now += self.cost[way] * batch
             return out
 
@@ -187,6 +189,36 @@ def test_one_slow_call_does_not_move_the_choice_for_long(monkeypatch, batch):
     _calls(t, 1, x, want)
     t.cost["split"] = 0.6
     assert _calls(t, 4, x, want)[-1] == "split"
+
+
+def test_a_probe_runs_the_other_way_on_part_of_the_batch(monkeypatch):
+    # Six matrices, the split chosen: a probe of one thread factors one matrix that way and the
+    # other five the split way, joined into the batched call's layout with the one-thread bits.
+    x = spd_batch(6, 24, seed=4)
+    want = lapack._one(lapack._householder_qr, x)
+    t = FakeTimings(monkeypatch, {"1": 1.0, "split": 0.5})
+    _calls(t, 1, x, want)
+    assert list(zip(t.ran, t.sizes)) == [("split", 6)]  # the first call: the split, whole
+    with lapack._threads(2):
+        q, r = lapack.qr(x)  # the next one probes one thread
+    assert list(zip(t.ran, t.sizes))[1:] == [("1", 1), ("split", 5)]
+    assert torch.equal(q, want[0]) and torch.equal(r, want[1])
+    assert q.stride() == want[0].stride() and r.stride() == want[1].stride()
+    stats = next(s for s in lapack.choice_stats() if s["op"] == "qr" and s["size"] == 24)
+    assert stats["latest_s_per_matrix"] == {"split": 0.5, "1": 1.0}  # per matrix of the part
+    assert stats["way"] == "split"
+    # One thread chosen (the split got slow): a probe of the split runs one round of it, two
+    # matrices on the two cores.
+    t.cost["split"] = 3.0
+    _calls(t, 4, x, want)
+    assert lapack.thread_choice()[("qr", 24)] == "1"
+    t.cost["split"] = 0.4
+    t.ran.clear()
+    t.sizes.clear()
+    chosen = _calls(t, lapack.MAX_PROBE_INTERVAL + 2, x, want)
+    assert chosen[-1] == "split"
+    first = t.ran.index("split")
+    assert (t.ran[first], t.sizes[first]) == ("split", 2) and (t.ran[first + 1], t.sizes[first + 1]) == ("1", 4)
 
 
 def test_probes_back_off_while_the_choice_holds():
