@@ -9,7 +9,9 @@ Reports per variant the median non-refresh step and refresh step, and their rati
     python benchmarks/ab_step.py --variants before-N,current --rounds 6
 
 Variants: ``current`` (the code as it is), ``env:NAME=VALUE[+NAME=VALUE]`` (the code as it is with
-those environment variables set, e.g. ``env:SOAP_LAPACK_THREADS=2``), and ``before-N``: the code path as it was before
+those environment variables set, e.g. ``env:SOAP_LAPACK_THREADS=2``), ``lapack@COMMIT`` (soap_kernels/lapack.py
+as it was at that commit, loaded as a module of its own, e.g. ``lapack@c3b8ef1,lapack@HEAD`` for NOTES item 25),
+and ``before-N``: the code path as it was before
 benchmarks/NOTES.md item N, added to ``PATCHES`` as a copy while item N is measured. None now:
 item 18 was reverted; to repeat its A/B apply results/notes18_in_place_qr_reverted.patch and put
 the old ``ops.refresh_factor`` back here as ``before-18``.
@@ -21,8 +23,10 @@ import argparse
 import contextlib
 import os
 import statistics
+import subprocess
 import sys
 import time
+import types
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -36,6 +40,23 @@ from soap_kernels import SOAP  # noqa: E402
 # name -> [(module, attribute, replacement)]. Empty while no change is under measurement (item 18's
 # "before" copy equalled the current code once the item was reverted, so it went).
 PATCHES: dict[str, list] = {}
+
+
+def _lapack_at(commit: str):
+    """soap_kernels/lapack.py as it was at ``commit``, loaded as a module of its own (its own
+    choosers and pool: each variant starts fresh, as a new run would)."""
+    source = subprocess.run(["git", "show", f"{commit}:soap_kernels/lapack.py"], capture_output=True, text=True,
+                            check=True, cwd=Path(__file__).resolve().parent).stdout
+    module = types.ModuleType(f"lapack_{commit}")
+    exec(compile(source, f"lapack@{commit}", "exec"), module.__dict__)
+    return module
+
+
+def _add_lapack_variant(name: str) -> None:
+    """``lapack@COMMIT``: soap_kernels/lapack.py as it was at COMMIT, swapped in for the current one."""
+    from soap_kernels import lapack
+    module = _lapack_at(name.split("@", 1)[1])
+    PATCHES[name] = [(lapack, "qr", module.qr), (lapack, "eigh", module.eigh)]
 
 
 @contextlib.contextmanager
@@ -69,8 +90,12 @@ def main(argv=None) -> None:
     args = p.parse_args(argv)
     names = args.variants.split(",")
     for n in names:
+        if n.startswith("lapack@"):
+            _add_lapack_variant(n)
+    for n in names:
         if n != "current" and n not in PATCHES and not (n.startswith("env:") and "=" in n):
-            raise SystemExit(f"unknown variant {n!r}: known are " + ", ".join(["current", "env:NAME=VALUE", *PATCHES]))
+            raise SystemExit(f"unknown variant {n!r}: known are " + ", ".join(["current", "env:NAME=VALUE", "lapack@COMMIT",
+                                                                             *PATCHES]))
     shapes = harness.gpt_shapes(*harness.PRESETS[args.preset])
     gen = torch.Generator().manual_seed(0)
     params = [torch.nn.Parameter(torch.randn(s, generator=gen).mul_(0.02)) for s in shapes]
