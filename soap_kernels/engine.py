@@ -318,7 +318,8 @@ def _guarded_refresh(bucket: Bucket, kernels: Kernels, stats: Tensor, q: Tensor,
     """``kernels.refresh_factor(stats, q)`` such that no failed factorisation reaches ``q``: failed
     rows are redone in float64 with the torch table, and rows that fail again keep ``q``/``stats``
     with the identity ``perm``/``q_mix``. One host read per call."""
-    saved_stats, saved_q = stats.clone(), q.clone()
+    saved_stats = ops.scratch_empty("saved_stats", stats.shape, stats).copy_(stats)
+    saved_q = ops.scratch_empty("saved_q", q.shape, q).copy_(q)
     try:
         perm, q_mix = kernels.refresh_factor(stats, q)
         failed = ~(_finite_rows(q) & _finite_rows(q_mix))
@@ -353,7 +354,7 @@ def _guarded_refresh(bucket: Bucket, kernels: Kernels, stats: Tensor, q: Tensor,
 def _guarded_reorthonormalize(bucket: Bucket, kernels: Kernels, q: Tensor, rows: list[int], dim: int) -> None:
     """``kernels.reorthonormalize_(q)``; rows where it fails are redone in float64, or kept as they
     are (a finite basis a few roundings from orthonormal) if that fails too."""
-    saved = q.clone()
+    saved = ops.scratch_empty("saved_q", q.shape, q).copy_(q)
     try:
         kernels.reorthonormalize_(q)
         failed = ~_finite_rows(q)

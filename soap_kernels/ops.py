@@ -15,8 +15,11 @@ table a bucket uses is decided in :mod:`soap_kernels.select`, nowhere else.
 
 from __future__ import annotations
 
+import math
 import os
-from collections.abc import Sequence
+import threading
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 
 import torch
 from torch import Tensor
@@ -27,6 +30,45 @@ from .kernels import Kernels, StepScalars
 # The native CPU ops (soap_kernels._C) replace the torch sequences where they measured faster;
 # SOAP_KERNELS_NATIVE_OPS=0 switches them off (A/B measurements, the CI lane without them).
 NATIVE_OPS = _native.available() and os.environ.get("SOAP_KERNELS_NATIVE_OPS", "1") != "0"
+
+# SOAP_KERNELS_REFRESH_SCRATCH=0 gives every refresh temporary a fresh allocation (A/B measurements).
+REFRESH_SCRATCH = os.environ.get("SOAP_KERNELS_REFRESH_SCRATCH", "1") != "0"
+_local = threading.local()
+
+
+@contextmanager
+def refresh_scratch() -> Iterator[None]:
+    """Inside the block the refresh's large CPU temporaries (:func:`scratch_empty`) come from
+    buffers that live until the block ends, so the refreshes of one step reuse one set of pages.
+
+    A fresh large CPU tensor is fresh pages from the OS (glibc maps and unmaps big blocks): on the
+    bench set a refresh step touched 420 MB of fresh pages, ~0.33 ms per MB of page faults
+    (benchmarks/NOTES.md 27). Nothing is kept after the block, so the memory between steps is
+    unchanged. The values are the same (only where they are written changes), so are the bits.
+    """
+    if getattr(_local, "scratch", None) is not None or not REFRESH_SCRATCH:
+        yield
+        return
+    _local.scratch = {}
+    try:
+        yield
+    finally:
+        _local.scratch = None
+
+
+def scratch_empty(tag: str, shape: Sequence[int], like: Tensor) -> Tensor:
+    """An uninitialised contiguous ``shape`` tensor of ``like``'s dtype and device: inside
+    :func:`refresh_scratch` on the CPU a view of the block's ``tag`` buffer (one live tensor per tag
+    at a time), otherwise a fresh one."""
+    scratch = getattr(_local, "scratch", None)
+    if scratch is None or like.device.type != "cpu" or torch.compiler.is_compiling():
+        return torch.empty(shape, dtype=like.dtype, device=like.device)
+    n = math.prod(shape)
+    key = (tag, like.dtype)
+    buf = scratch.get(key)
+    if buf is None or buf.numel() < n:
+        buf = scratch[key] = torch.empty(n, dtype=like.dtype)
+    return buf[:n].view(*shape)
 
 __all__ = [
     "rotate",
@@ -267,10 +309,10 @@ def refresh_factor(stats: Tensor, q: Tensor) -> tuple[Tensor, Tensor]:
     perm = torch.argsort(est, dim=-1, descending=True)
     # index_select per row: a broadcast take_along_dim builds a d²-sized int64 index (measured
     # 165 ms against a few ms for a batch of six 1024² matrices on the CPU).
-    permuted = torch.empty_like(stats)
+    permuted = scratch_empty("permuted", stats.shape, stats)
     for out, s, p in zip(permuted, stats, perm):
         torch.index_select(s.index_select(0, p), 1, p, out=out)
-    q_perm = torch.empty_like(q)
+    q_perm = scratch_empty("q_perm", q.shape, q)
     for out, qi, p in zip(q_perm, q, perm):
         torch.index_select(qi, 1, p, out=out)
     q_mix, r = lapack.qr(permuted)
@@ -298,9 +340,9 @@ def _triangular_product_symmetric(r: Tensor, q: Tensor, out: Tensor) -> None:
         torch.add(full, full.mT, out=out)
         out.mul_(0.5)
         return
-    top = torch.matmul(r[:, :h, :h], q[:, :h, :])
+    top = torch.matmul(r[:, :h, :h], q[:, :h, :], out=scratch_empty("rq_top", (r.shape[0], h, d), r))
     top.baddbmm_(r[:, :h, h:], q[:, h:, :])
-    corner = torch.matmul(r[:, h:, h:], q[:, h:, h:])
+    corner = torch.matmul(r[:, h:, h:], q[:, h:, h:], out=scratch_empty("rq_corner", (r.shape[0], d - h, d - h), r))
     out[:, :h, h:] = top[:, :, h:]
     out[:, h:, :h] = top[:, :, h:].mT
     torch.add(top[:, :, :h], top[:, :, :h].mT, out=out[:, :h, :h])

@@ -479,12 +479,13 @@ class SOAP(torch.optim.Optimizer):
             traffic.engine_done()
         finish = traffic.send_updates()  # overlaps the refresh
         if traffic.any_update(updated):
-            if self.schedule is None:
-                if updated:
-                    self._refresh_by_frequency(updated)
-            else:
-                self._updates += 1
-                self._refresh_by_schedule(updated, traffic.loss)
+            with ops.refresh_scratch():  # the refreshes of this step share their temporaries' pages
+                if self.schedule is None:
+                    if updated:
+                        self._refresh_by_frequency(updated)
+                else:
+                    self._updates += 1
+                    self._refresh_by_schedule(updated, traffic.loss)
         finish()
         traffic.publish(self, initialized)
 

@@ -296,3 +296,61 @@ def test_gpu_refresh_large(d):
     mix64 = mix.double().cpu()
     check("stats = Q_mᵀ A Q_m", stats, mix64.mT @ a @ mix64, 2e-5, 0)  # K = d fp32 sums, |A| <= 1
     check("q = (q P)·Q_m", q, permute64(q_before.double(), perm, 2) @ mix64, 2e-4, 2e-4)
+
+
+# ------------------------------------------------------------------ the refresh scratch (ops.py)
+def test_refresh_scratch_reuses_a_buffer_per_tag_only_inside_the_block():
+    from soap_kernels import ops
+
+    like = torch.zeros(1)
+    outside = ops.scratch_empty("permuted", (4, 8, 8), like)
+    with ops.refresh_scratch():
+        a = ops.scratch_empty("permuted", (4, 8, 8), like)
+        b = ops.scratch_empty("permuted", (2, 8, 8), like)  # smaller: a view of the same buffer
+        c = ops.scratch_empty("q_perm", (4, 8, 8), like)
+        big = ops.scratch_empty("permuted", (8, 8, 8), like)  # larger: a new buffer
+        assert a.data_ptr() == b.data_ptr() != c.data_ptr()
+        assert big.shape == (8, 8, 8) and big.is_contiguous() and big.data_ptr() != a.data_ptr()
+        assert outside.data_ptr() not in (a.data_ptr(), c.data_ptr())
+        with ops.refresh_scratch():  # nested: the outer block's buffers
+            assert ops.scratch_empty("q_perm", (4, 8, 8), like).data_ptr() == c.data_ptr()
+    after = ops.scratch_empty("q_perm", (4, 8, 8), like)
+    del c
+    assert after.shape == (4, 8, 8)
+    with ops.refresh_scratch():  # a new block starts empty
+        assert ops.scratch_empty("q_perm", (4, 8, 8), like).data_ptr() != after.data_ptr()
+
+
+def test_refresh_scratch_keeps_the_bits(monkeypatch):
+    """Buckets of one factor size refreshed in one step share the scratch: the same bits as with a
+    fresh allocation per temporary, over refreshes that re-orthonormalise too."""
+    from soap_kernels import SOAP, engine, ops
+
+    served = []
+    real = ops.scratch_empty
+
+    def counting(tag, shape, like):
+        out = real(tag, shape, like)
+        served.append(getattr(ops._local, "scratch", None) is not None)
+        return out
+
+    def run(scratch: bool) -> list[torch.Tensor]:
+        monkeypatch.setattr(ops, "REFRESH_SCRATCH", scratch)
+        gen = torch.Generator().manual_seed(0)
+        shapes = [(24, 8), (24, 8), (8, 24), (24,)]  # a (24, 8) bucket and an (8, 24) one: d = 24 twice
+        params = [torch.nn.Parameter(torch.randn(s, generator=gen)) for s in shapes]
+        opt = SOAP(params, lr=1e-2, precondition_frequency=2, backend="torch")
+        for _ in range(2 * 2 * engine.REORTHONORMALIZE_EVERY + 1):
+            for p in params:
+                p.grad = torch.randn(p.shape, generator=gen)
+            opt.step()
+        return [p.detach().clone() for p in params]
+
+    monkeypatch.setattr(ops, "scratch_empty", counting)
+    monkeypatch.setattr(engine.ops, "scratch_empty", counting)
+    with_scratch = run(True)
+    assert served and all(served)
+    served.clear()
+    without = run(False)
+    assert served and not any(served)
+    assert all(torch.equal(a, b) for a, b in zip(with_scratch, without))
