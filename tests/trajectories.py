@@ -78,6 +78,12 @@ def backends_here() -> list[str]:
 
 
 def record(path: str) -> None:
+    """Every case on every backend here, as tests/test_trajectories.py replays them: every batched
+    LAPACK call at one thread (matrix by matrix), two intra-op threads."""
+    from soap_kernels import lapack
+
+    lapack._candidates = lambda full, batch: ("1",)
+    torch.set_num_threads(2)
     runs = {}
     for backend in backends_here():
         for name, shapes, kwargs in CASES:
