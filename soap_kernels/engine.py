@@ -59,8 +59,11 @@ def bucket_key(param: Tensor, layout: Layout) -> tuple:
 
 def _finite_rows(x: Tensor) -> Tensor:
     """``[R]`` bool: whether each matrix of ``[R, d, d]`` is finite (a row sum is finite exactly
-    when every entry is, unless the sum overflows: then the row only goes to the fp64 retry)."""
-    return torch.isfinite(x.flatten(1).sum(dim=1))
+    when every entry is, unless the sum overflows: then the row only goes to the fp64 retry).
+
+    Summed over the matrix dims as they lie: LAPACK's Q is column-major, and ``flatten`` would copy
+    it first (a fresh 25 MB per 6×1024² batch; 58 ms of a refresh step on the bench set)."""
+    return torch.isfinite(x.sum(dim=tuple(range(1, x.dim()))) if x.dim() > 1 else x)
 
 
 class Bucket:

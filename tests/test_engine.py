@@ -124,3 +124,16 @@ def test_basis_stays_orthonormal_over_many_refreshes():
         err = (q.T @ q - torch.eye(q.shape[0])).abs().max().item()
         print("||QᵀQ − I||_max =", err)
         assert err < 1e-5
+
+
+def test_finite_rows_reads_column_major_batches_as_they_lie():
+    """The refresh guard's check on LAPACK's column-major Q: per matrix, NaN and inf found in
+    either layout, and no copy of the batch is made for it."""
+    from soap_kernels.engine import _finite_rows
+
+    q = torch.randn(3, 5, 5).mT  # column-major matrices, as geqrf/orgqr return them
+    q[1, 4, 0] = float("nan")
+    q[2, 0, 3] = float("inf")
+    assert _finite_rows(q).tolist() == [True, False, False]
+    assert _finite_rows(q.contiguous()).tolist() == [True, False, False]
+    assert _finite_rows(torch.tensor([1.0, float("nan")])).tolist() == [True, False]
