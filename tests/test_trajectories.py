@@ -7,12 +7,12 @@ reference runs had the same bits there as 320f556's (the recording of 542cb77 is
 comparable on that machine: MKL and ATen pick other kernels on it). MKL and ATen pick their kernels
 by CPU, so the bits of a run are only comparable on the kind of CPU a recording was made on:
 bit-identity is asserted against the recording of this machine's kind (same torch, CPU vendor and,
-where recorded, ATen's CPU capability); on any other machine only the tolerance check applies,
-on any other machine the comparisons with a recording are skipped (across CPUs even the
-tolerance cannot hold: where a factor's statistics are rank-deficient, as for tall, wide and prime
-shapes in their first steps, LAPACK's eigh may return any basis of the null space, and Adam in
-that basis is not invariant to the choice, so two correct runs differed by 2-7 % there), and the
-LAPACK split is checked against a one-thread run in the same process instead. See docs/DESIGN.md §7 for the cases that changed on purpose and why.
+where recorded, ATen's CPU capability); on any other machine the comparisons with a recording
+are skipped (across CPUs even the tolerance cannot hold: where a factor's statistics are
+rank-deficient, as for tall, wide and prime shapes in their first steps, LAPACK's eigh may return
+any basis of the null space, and Adam in that basis is not invariant to the choice, so two
+correct runs differed by 2-7 % there), and the LAPACK split is checked against a one-thread run
+in the same process instead. See docs/DESIGN.md §7 for the cases that changed on purpose and why.
 """
 
 from __future__ import annotations
