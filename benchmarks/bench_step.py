@@ -189,6 +189,21 @@ def optimizer_list(spec: str, device: torch.device, upstream: type | None, args=
     return kept, skipped
 
 
+
+def refresh_steps(times: list[float], f: int) -> tuple[list[int], int | None]:
+    """Which timed steps were refreshes: in each round (``f`` consecutive steps, one refresh
+    cycle) the slowest. Returns their indices and the most common position in the round.
+
+    Per round, not one position for the whole run: a peer's cadence may move (HeavyBall counts
+    ``1/f`` in floats and refreshed at positions 8, 18, 28 and then 39, 49, 59 of one run), and
+    one fixed position then took three plain steps for refreshes (its "refresh step" median came
+    out 704 ms against ~1200 ms for the real ones)."""
+    if f < 2 or len(times) < f:
+        return [], None
+    at = [k + max(range(f), key=lambda p: times[k + p]) for k in range(0, len(times) - f + 1, f)]
+    positions = [i % f for i in at]
+    return at, max(set(positions), key=positions.count)
+
 class Run:
     """One optimizer on its own copy of the parameters and gradients (the same values for all)."""
 
@@ -237,13 +252,7 @@ class Run:
         times = self.times
         first = args.frequency + 1  # call index of the first timed step
         expected = (-first) % f  # the position in each cycle of the constant schedule's refresh
-        refresh_phase = None
-        if is_soap(self.name) and len(times) >= f:
-            # Which position of the cycle is the refresh, measured (the slowest by median), so a
-            # peer counting its steps differently is still split right; the expected one is kept.
-            by_phase = {p: statistics.median(times[p::f]) for p in range(f)}
-            refresh_phase = max(by_phase, key=by_phase.get)
-        refresh_at = [i for i in range(len(times)) if refresh_phase is not None and i % f == refresh_phase]
+        refresh_at, refresh_phase = refresh_steps(times, f) if is_soap(self.name) else ([], None)
         steady = [t for i, t in enumerate(times) if i not in refresh_at]
         refresh = [times[i] for i in refresh_at]
         q = harness.quantiles(times)
