@@ -23,6 +23,7 @@ basis (identity permutation and mixing) and are reported through ``Bucket.on_fai
 from __future__ import annotations
 
 import math
+import zlib
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -35,10 +36,27 @@ from .layout import Layout
 
 __all__ = ["Bucket", "BatchedEngine", "bucket_key", "state_dtype", "NOT_PRECONDITIONED"]
 
-# A basis is a product of orthogonal factors; re-orthonormalise it every this many refreshes.
+# A basis is a product of orthogonal factors; re-orthonormalise it every this many refreshes
+# (the first time after 8 to 15 refreshes, by the factor's phase: reorthonormalize_phase).
 # Measured (python/soak.py, f = 1): max ||QᵀQ − I||_F = 3.4e-6 (d = 16), 8.2e-6 (d = 64), 2.5e-5
 # (d = 256), no growth over 3000 refreshes; the QR costs ~2% of the step at f = 1.
 REORTHONORMALIZE_EVERY = 8
+
+
+def reorthonormalize_phase(work_shape: Sequence[int], dim: int) -> int:
+    """Where in the cadence factor ``dim`` of a ``work_shape`` bucket re-orthonormalises: after its
+    refresh number ``REORTHONORMALIZE_EVERY + phase`` and every ``REORTHONORMALIZE_EVERY`` after.
+
+    Spread by a hash of the factor's shape (the same on every process and after a resume), so the
+    factors of a model do not all take their QR at the same refresh: when they did, one refresh
+    in eight cost +550 ms on the bench set (a full QR set) and was the one refresh step that came
+    out slower than the reference's under load (benchmarks/NOTES.md 30)."""
+    return zlib.crc32(repr((tuple(int(d) for d in work_shape), int(dim))).encode()) % REORTHONORMALIZE_EVERY
+
+
+def reorthonormalize_due(refreshes: int, phase: int) -> bool:
+    """Does a factor that has now been refreshed ``refreshes`` times re-orthonormalise?"""
+    return refreshes >= REORTHONORMALIZE_EVERY and (refreshes - phase) % REORTHONORMALIZE_EVERY == 0
 
 # A factor that is not preconditioned is an empty list in the state, as in the reference's.
 NOT_PRECONDITIONED: list = []
@@ -286,7 +304,8 @@ class Bucket:
             kernels = self._table(full)
             perm, q_mix = _guarded_refresh(self, kernels, stats, q, rows, dim)
             self.refresh_count[dim, rows] += 1
-            due = [k for k, r in enumerate(rows) if int(self.refresh_count[dim, r]) % REORTHONORMALIZE_EVERY == 0]
+            phase = reorthonormalize_phase(self.layout.work_shape, dim)
+            due = [k for k, r in enumerate(rows) if reorthonormalize_due(int(self.refresh_count[dim, r]), phase)]
             if due:
                 sub = None if len(due) == len(rows) else torch.tensor(due, device=q.device)
                 q_due = q if sub is None else q.index_select(0, sub)

@@ -137,3 +137,51 @@ def test_finite_rows_reads_column_major_batches_as_they_lie():
     assert _finite_rows(q).tolist() == [True, False, False]
     assert _finite_rows(q.contiguous()).tolist() == [True, False, False]
     assert _finite_rows(torch.tensor([1.0, float("nan")])).tolist() == [True, False]
+
+
+def test_reorthonormalisation_cadence_is_spread_over_the_factors():
+    from soap_kernels.engine import REORTHONORMALIZE_EVERY as EVERY
+    from soap_kernels.engine import reorthonormalize_due, reorthonormalize_phase
+
+    for phase in range(EVERY):
+        due = [n for n in range(1, 6 * EVERY) if reorthonormalize_due(n, phase)]
+        assert due[0] >= EVERY and due[0] < 2 * EVERY  # never in the first EVERY - 1 refreshes
+        assert all(b - a == EVERY for a, b in zip(due, due[1:]))
+        assert all(n % EVERY == phase for n in due)
+    # The bench set's factors (d 256 GPT): not all at one refresh, and the two largest apart.
+    factors = [((16384, 256), 1), ((256, 256), 0), ((256, 256), 1), ((768, 256), 0), ((768, 256), 1),
+               ((1024, 256), 0), ((1024, 256), 1), ((256, 1024), 0), ((256, 1024), 1)]
+    phases = {f: reorthonormalize_phase(*f) for f in factors}
+    assert len(set(phases.values())) >= 4
+    assert phases[((1024, 256), 0)] != phases[((256, 1024), 1)]
+    assert reorthonormalize_phase((1024, 256), 0) == reorthonormalize_phase([1024, 256], 0)
+
+
+def test_each_factor_reorthonormalises_at_its_own_refresh(monkeypatch):
+    from soap_kernels import SOAP, ops
+    from soap_kernels.engine import REORTHONORMALIZE_EVERY as EVERY
+    from soap_kernels.engine import reorthonormalize_due, reorthonormalize_phase
+
+    calls = []
+    real = ops.TorchKernels.reorthonormalize_
+
+    def spy(self, q):
+        calls.append((len(steps), q.shape[-1]))
+        return real(self, q)
+
+    monkeypatch.setattr(ops.TorchKernels, "reorthonormalize_", spy)
+    gen = torch.Generator().manual_seed(0)
+    shapes = [(12, 5), (7, 12)]  # factors (12, 5)/0, (12, 5)/1, (7, 12)/0, (7, 12)/1
+    params = [torch.nn.Parameter(torch.randn(s, generator=gen)) for s in shapes]
+    opt = SOAP(params, lr=1e-2, precondition_frequency=1, backend="torch")
+    steps = []
+    for _ in range(3 * EVERY + 2):
+        steps.append(None)
+        for p in params:
+            p.grad = torch.randn(p.shape, generator=gen)
+        opt.step()
+    # f = 1: the first step initialises, refresh n happens at step n + 1.
+    want = sorted((n + 1, s[dim]) for s in shapes for dim in (0, 1)
+                  for n in range(1, 3 * EVERY + 2) if reorthonormalize_due(n, reorthonormalize_phase(s, dim)))
+    assert sorted(calls) == want
+    assert len({step for step, _ in calls}) > len(want) // 4  # spread over several steps

@@ -100,6 +100,10 @@ def recorded():
 
 
 CASE_IDS = [c[0] for c in CASES]
+# Cases whose bits changed on purpose after the recording, from this step on (the tolerance still
+# applies to every step; docs/DESIGN.md §7): mixed-model (f = 7) reaches its 8th refresh at step
+# 56, where every basis used to re-orthonormalise at once and now each factor does at its phase.
+CHANGED_FROM_STEP = {"mixed-model": 56}
 
 
 def _replay(recorded, backend: str, name: str) -> tuple[float, bool, float]:
@@ -109,7 +113,8 @@ def _replay(recorded, backend: str, name: str) -> tuple[float, bool, float]:
     old = recorded["runs"][(backend, name)]
     new = trajectory(shapes, kwargs, backend, steps=recorded["steps"])
     err = max(rel_err(a.float(), b.float()) for sa, sb in zip(new, old) for a, b in zip(sa, sb))
-    same = all(torch.equal(a, b) for sa, sb in zip(new, old) for a, b in zip(sa, sb))
+    kept = CHANGED_FROM_STEP.get(name, len(old))
+    same = all(torch.equal(a, b) for sa, sb in zip(new[:kept], old[:kept]) for a, b in zip(sa, sb))
     return err, same, TOLERANCE[kwargs.get("dtype", torch.float32)]["param"]
 
 
