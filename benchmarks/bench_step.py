@@ -189,7 +189,6 @@ def optimizer_list(spec: str, device: torch.device, upstream: type | None, args=
     return kept, skipped
 
 
-
 def refresh_steps(times: list[float], f: int) -> tuple[list[int], int | None]:
     """Which timed steps were refreshes: in each round (``f`` consecutive steps, one refresh
     cycle) the slowest. Returns their indices and the most common position in the round.
@@ -203,6 +202,7 @@ def refresh_steps(times: list[float], f: int) -> tuple[list[int], int | None]:
     at = [k + max(range(f), key=lambda p: times[k + p]) for k in range(0, len(times) - f + 1, f)]
     positions = [i % f for i in at]
     return at, max(set(positions), key=positions.count)
+
 
 class Run:
     """One optimizer on its own copy of the parameters and gradients (the same values for all)."""
