@@ -351,8 +351,61 @@ def _triangular_product_symmetric(r: Tensor, q: Tensor, out: Tensor) -> None:
     out[:, h:, h:].mul_(0.5)
 
 
+# On the CPU, factors below this size take Householder QR (LAPACK's small QR costs less than the
+# first-order correction's dozen ops; measured crossover 128 for one matrix, 48 for six), and
+# factors from _REORTH_BLOCKED_FROM on take the correction by 2×2 blocks (the Gram's upper blocks
+# and the block-triangular product only: 3·d³ FLOPs instead of 4·d³). benchmarks/NOTES.md 31.
+_REORTH_FIRST_ORDER_FROM = 128
+_REORTH_BLOCKED_FROM = 512
+
+
 def reorthonormalize_(q: Tensor) -> None:
-    """Re-orthonormalise a product of orthogonal factors in place (QR, positive-diagonal R)."""
+    """Re-orthonormalise a product of orthogonal factors in place: ``q`` ← the Q of ``q = Q·R``
+    with ``diag R > 0`` (QR), to first order in ``S = qᵀq − I``.
+
+    ``q`` is a few roundings from orthonormal (``‖S‖_F`` ~ 1e-5–1e-4 at d = 256–1024 after
+    ``REORTHONORMALIZE_EVERY`` refreshes, benchmarks/NOTES.md 31), so ``R = chol(I + S) = I + U +
+    O(S²)`` with ``U = triu(S, 1) + diag(S)/2``, and ``Q = q·R⁻¹ = q − q·U + O(S²)``: GEMMs only.
+    Rows with ``‖S‖_F`` above ``√eps`` of the dtype, where the dropped ``O(S²)`` could exceed
+    about one rounding, and small CPU factors take Householder QR instead
+    (:func:`_householder_reorthonormalize_`)."""
+    b, d = q.shape[0], q.shape[-1]
+    if b == 0 or d == 0:
+        return
+    if q.device.type == "cpu" and d < _REORTH_FIRST_ORDER_FROM:
+        _householder_reorthonormalize_(q)
+        return
+    u = scratch_empty("reorth_u", (b, d, d), q)
+    h = d // 2 if d >= _REORTH_BLOCKED_FROM else d
+    q1, q2 = q[:, :, :h], q[:, :, h:]
+    torch.matmul(q1.mT, q, out=u[:, :h, :])  # [S11 S12] + [I 0]
+    if h < d:
+        torch.matmul(q2.mT, q2, out=u[:, h:, h:])  # S22 + I
+        u[:, h:, :h].zero_()
+    u.diagonal(dim1=-2, dim2=-1).sub_(1.0).mul_(0.5)
+    u[:, :h, :h].triu_()
+    if h < d:
+        u[:, h:, h:].triu_()
+    # ‖S‖_F² = 4·Σ diag(U)² + 2·Σ_{i<j} U_ij² = 2·(‖U‖_F² + ‖diag U‖²)
+    drift = (2.0 * (torch.linalg.vector_norm(u, dim=(1, 2)).square()
+                    + torch.linalg.vector_norm(u.diagonal(dim1=-2, dim2=-1), dim=1).square())).sqrt()
+    far = ~(drift <= torch.finfo(q.dtype).eps ** 0.5)  # a NaN drift included
+    saved = q.index_select(0, far.nonzero().squeeze(1)) if bool(far.any()) else None
+    # Q·(I − U) by column blocks, each into its own contiguous buffer (batched GEMMs), copied back
+    # into q once both are formed (the second block reads both column blocks of q).
+    t1 = torch.baddbmm(q1, q1, u[:, :h, :h], alpha=-1.0, out=scratch_empty("reorth_t1", (b, d, h), q))
+    if h < d:
+        t2 = torch.baddbmm(q2, q1, u[:, :h, h:], alpha=-1.0, out=scratch_empty("reorth_t2", (b, d, d - h), q))
+        t2.baddbmm_(q2, u[:, h:, h:], alpha=-1.0)
+        q2.copy_(t2)
+    q1.copy_(t1)
+    if saved is not None:
+        _householder_reorthonormalize_(saved)
+        q.index_copy_(0, far.nonzero().squeeze(1), saved)
+
+
+def _householder_reorthonormalize_(q: Tensor) -> None:
+    """``q`` ← the Q of its Householder QR with a positive diagonal (in place)."""
     q_new, r = lapack.qr(q)
     sign = torch.sign(r.diagonal(dim1=-2, dim2=-1))
     sign[sign == 0] = 1.0

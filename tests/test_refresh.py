@@ -195,6 +195,38 @@ def test_reorthonormalize(table):
     check("q", q, want, *TOL)
 
 
+@pytest.mark.parametrize("d", [1, 13, 128, 600])
+def test_reorthonormalize_first_order_and_householder_rows(d, monkeypatch):
+    """The torch table's re-orthonormalisation is QR to first order in ``S = qᵀq − I`` from d = 128
+    on the CPU (by 2×2 blocks from d = 512), Householder QR below: q = Q₀·(I + T) with T upper
+    triangular, ‖T‖ = 1.5e-4 (``‖S‖_F`` under fp32's √eps), must come back to Q₀ at fp32 rounding,
+    and a row drifted 100× further, in the same batch, goes to Householder QR (only that row)."""
+    from soap_kernels import ops
+
+    gen = torch.Generator().manual_seed(d)
+    q0, _ = torch.linalg.qr(torch.randn(3, d, d, generator=gen, dtype=torch.float64))
+    t = torch.randn(3, d, d, generator=gen, dtype=torch.float64).triu()
+    t = t * (1.5e-4 / torch.linalg.matrix_norm(t))[:, None, None]
+    t[2] *= 100
+    q = (q0 @ (torch.eye(d, dtype=torch.float64) + t)).float()
+    householder_rows = []
+    real = ops._householder_reorthonormalize_
+
+    def spy(x):
+        householder_rows.append(x.shape[0])
+        real(x)
+
+    monkeypatch.setattr(ops, "_householder_reorthonormalize_", spy)
+    got = q.clone()
+    ops.reorthonormalize_(got)
+    assert householder_rows == ([1] if d >= ops._REORTH_FIRST_ORDER_FROM else [3])
+    for row in range(3):
+        err = (got[row].double() - q0[row]).abs().max().item()
+        print(f"row {row}: max |Q - Q0| {err:.2e} (input {(q[row].double() - q0[row]).abs().max().item():.2e})")
+        assert err < 4e-7
+    assert orthonormality_error(got) < TOLERANCE["orthonormal"]
+
+
 # ================================================================================================
 # Part 2: the Triton module's internals
 # ================================================================================================
