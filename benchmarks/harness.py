@@ -361,24 +361,37 @@ def load_average() -> list[float] | None:
         return None
 
 
-def _git(*args: str) -> str:
+def _git(*args: str, cwd: Path | None = None) -> str:
     try:
-        return subprocess.run(["git", *args], capture_output=True, text=True, cwd=Path(__file__).parent,
+        return subprocess.run(["git", *args], capture_output=True, text=True, cwd=cwd or Path(__file__).parent,
                               check=False, timeout=10).stdout.strip()
     except (OSError, subprocess.SubprocessError):
         return ""
+
+
+# The sources a measured figure depends on, as top-level pathspecs (":/…"): plain relative paths
+# would be taken from benchmarks/, where git runs, and never match (every result until 2026-12-04
+# was stamped clean).
+SOURCE_PATHSPECS = (":/soap_kernels", ":/csrc", ":/benchmarks", ":/python")
+
+
+def git_revision(cwd: Path | None = None) -> str:
+    """``HEAD``'s short hash, ``+dirty`` when tracked sources differ from it; ``unknown`` outside git."""
+    rev = _git("rev-parse", "--short", "HEAD", cwd=cwd)
+    if not rev:
+        return "unknown"
+    dirty = bool(_git("status", "--porcelain", "--untracked-files=no", "--", *SOURCE_PATHSPECS, cwd=cwd))
+    return rev + ("+dirty" if dirty else "")
 
 
 def environment(device: torch.device) -> dict:
     """Device, versions, date, git revision and machine load: stored with every result."""
     import soap_kernels
 
-    rev = _git("rev-parse", "--short", "HEAD")
-    dirty = bool(_git("status", "--porcelain", "--untracked-files=no", "--", "soap_kernels", "benchmarks"))
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU ({cpu_model()}, {os.cpu_count()} cores)"
     info = {
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-        "git_revision": (rev + ("+dirty" if dirty else "")) if rev else "unknown",
+        "git_revision": git_revision(),
         "soap_kernels": soap_kernels.__version__,
         "torch": torch.__version__,
         "python": platform.python_version(),
