@@ -371,8 +371,9 @@ def _git(*args: str, cwd: Path | None = None) -> str:
 
 # The sources a measured figure depends on, as top-level pathspecs (":/…"): plain relative paths
 # would be taken from benchmarks/, where git runs, and never match (every result until 2026-12-04
-# was stamped clean).
-SOURCE_PATHSPECS = (":/soap_kernels", ":/csrc", ":/benchmarks", ":/python")
+# was stamped clean). Markdown (benchmarks/NOTES.md, READMEs) is written while a run is read and
+# changes no figure.
+SOURCE_PATHSPECS = (":/soap_kernels", ":/csrc", ":/benchmarks", ":/python", ":(top,exclude,glob)**/*.md")
 
 
 def git_revision(cwd: Path | None = None) -> str:

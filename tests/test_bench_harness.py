@@ -21,8 +21,8 @@ def _git(repo: Path, *args: str) -> None:
 
 def test_git_revision_marks_changed_sources_dirty(tmp_path, monkeypatch):
     """Run from a repository's benchmarks/ folder (where the harness runs git): a change to a
-    tracked source under soap_kernels/ (or benchmarks/) stamps ``+dirty``; an untracked file or
-    a change elsewhere does not."""
+    tracked source under soap_kernels/ (or benchmarks/) stamps ``+dirty``; an untracked file, a
+    change elsewhere or to a markdown file among the sources does not."""
     monkeypatch.syspath_prepend(str(ROOT / "benchmarks"))
     import harness
 
@@ -30,6 +30,7 @@ def test_git_revision_marks_changed_sources_dirty(tmp_path, monkeypatch):
     for folder in ("soap_kernels", "benchmarks", "docs"):
         (repo / folder).mkdir(parents=True)
         (repo / folder / "a.txt").write_text("one\n")
+    (repo / "benchmarks" / "NOTES.md").write_text("one\n")
     _git(repo, "init", "-q")
     _git(repo, "add", ".")
     _git(repo, "commit", "-q", "-m", "first")
@@ -38,6 +39,7 @@ def test_git_revision_marks_changed_sources_dirty(tmp_path, monkeypatch):
     assert rev != "unknown" and not rev.endswith("+dirty")
     (repo / "docs" / "a.txt").write_text("two\n")
     (repo / "soap_kernels" / "new.txt").write_text("untracked\n")
+    (repo / "benchmarks" / "NOTES.md").write_text("two\n")
     assert harness.git_revision(here) == rev
     (repo / "soap_kernels" / "a.txt").write_text("two\n")
     assert harness.git_revision(here) == rev + "+dirty"
