@@ -10,6 +10,8 @@ in turn), so that a load spike on a shared machine hits all of them rather than 
   that each step refreshes about a tenth of the refresh FLOPs;
 * ``staggered_params``: ``Staggered(10, blocks=factors per parameter)``: the same with each
   parameter's factors kept together (as the reference refreshes them);
+* ``staggered_pairs``: ``Staggered(10, together=2)``: the same with the factors of one batch (shape
+  and dim) in pairs, so that each refreshing step hands LAPACK two matrices of a size at once;
 * ``budgeted``: ``Budgeted(ceil(factors / 10), max_every=20)``: about every factor every 10 steps,
   by count;
 * ``budgeted_flops``: ``Budgeted(total refresh FLOPs / 10, max_every=20, by="flops")``: the same
@@ -62,7 +64,8 @@ from soap_kernels import SOAP, ops  # noqa: E402
 from soap_kernels.reference import make_layout  # noqa: E402
 from soap_kernels.schedules import Budgeted, Constant, RefreshSchedule, Staggered  # noqa: E402
 
-SCHEDULES = ("constant10", "staggered", "staggered_params", "budgeted", "budgeted_flops", "no_refresh")
+SCHEDULES = ("constant10", "staggered", "staggered_params", "staggered_pairs", "budgeted", "budgeted_flops",
+             "no_refresh")
 
 
 def _layout(shape):
@@ -94,6 +97,8 @@ def make_schedule(name: str, costs: list[tuple[int, float]], every: int, max_eve
         return Staggered(every)
     if name == "staggered_params":
         return Staggered(every, blocks=factors_per_parameter(shapes))
+    if name == "staggered_pairs":
+        return Staggered(every, together=2)
     if name == "budgeted":
         return Budgeted(math.ceil(len(costs) / every), max_every=max_every)
     if name == "budgeted_flops":

@@ -116,7 +116,7 @@ def schedule_classes() -> dict[str, type]:
 
 
 def _call_signature(cls: type) -> str:
-    """``Staggered(every=10, blocks=None)``: the constructor's arguments and defaults, no annotations."""
+    """``Staggered(every=10, blocks=None, together=1)``: the constructor's arguments and defaults, no annotations."""
     parts = []
     for param in inspect.signature(cls).parameters.values():
         default = "" if param.default is inspect.Parameter.empty else f"={param.default!r}"

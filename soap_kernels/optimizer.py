@@ -445,7 +445,10 @@ class SOAP(torch.optim.Optimizer):
                                  dtype=torch.float64)
         if self.schedule.needs_drift or getattr(self.schedule, "needs_cost", False):
             cost = torch.tensor([_refresh_cost(layout, i) for _, _, layout, i in factors], dtype=torch.float64)
-        decision = self.schedule.decide(self._updates, loss=loss_value, drift=drift, cost=cost)
+        extra = {}
+        if getattr(self.schedule, "needs_batch", False):
+            extra["batch"] = _batch_ids([(layout, i) for _, _, layout, i in factors])
+        decision = self.schedule.decide(self._updates, loss=loss_value, drift=drift, cost=cost, **extra)
         chosen: dict[int, tuple[Tensor, dict, Layout, set[int]]] = {}
         updated_ids = {id(p) for p, _, _ in updated}
         for k, (p, state, layout, i) in enumerate(factors):
@@ -525,6 +528,8 @@ class SOAP(torch.optim.Optimizer):
             owners = self._placement.factor_owners()
             if any(owners):  # factors on more than one rank (one process: the protocol without it)
                 extra["owner"] = torch.tensor(owners, dtype=torch.int64)
+        if getattr(self.schedule, "needs_batch", False):
+            extra["batch"] = _batch_ids([(layout, dim) for layout, dim, _, _ in factors])
         decision = self.schedule.decide(self._updates, loss=loss_value, drift=drift, cost=cost, **extra)
         if decision is False:
             return
@@ -795,6 +800,16 @@ def _selected(decision: bool | Tensor, k: int) -> bool:
     if isinstance(decision, bool):
         return decision
     return bool(decision[k])
+
+
+def _batch_ids(factors: list[tuple[Layout, int]]) -> Tensor:
+    """Per factor, an id shared by the factors of one working shape, preconditioned dims and dim
+    (numbered in order of first appearance): those the engine refreshes in one batched call when
+    they are chosen at the same step (parameters of other groups or dtypes with the same shape sit
+    in other buckets; the id is a proxy that is the same on every process and backend)."""
+    ids: dict[tuple, int] = {}
+    return torch.tensor([ids.setdefault((layout.work_shape, layout.preconditioned, dim), len(ids))
+                         for layout, dim in factors], dtype=torch.int64)
 
 
 def _refresh_cost(layout: Layout, dim: int) -> float:

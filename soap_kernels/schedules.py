@@ -19,7 +19,10 @@ Protocol (what the optimizer relies on):
   off-diagonal drift ``||B - diag B||_F / ||B||_F`` of each factor, ``cost`` its refresh cost in
   FLOPs (``ops.FLOPS.refresh`` of that factor alone). A schedule with ``needs_owner`` also gets
   ``owner``, a 1-D int64 CPU tensor: the rank that holds each factor, when the factors are held
-  by more than one rank (``ShardedSOAP``; never in one process).
+  by more than one rank (``ShardedSOAP``; never in one process). A schedule with ``needs_batch``
+  also gets ``batch``, a 1-D int64 CPU tensor: factors with equal entries have the same working
+  shape and dim, so the engine refreshes them in one batched call when they are chosen at the
+  same step (one LAPACK batch, which it can split over threads).
 * ``state_dict()`` / ``load_state_dict(state)``: plain Python values (ints, floats, strings, lists),
   saved with the optimizer. The dict holds the hyperparameters and the progress, and loading
   restores both (as ``torch.optim.lr_scheduler`` does), so a resumed run continues the same
@@ -40,9 +43,11 @@ refresh interval and ``last`` the step of the last refresh, 0 at the start):
   (at most every ``min_every`` steps), or ``max_every`` steps without a refresh.
 * ``Budgeted(budget, max_every=100, by="count")``: per factor, a per-step budget (factors or FLOPs)
   spent on the most-drifted factors; factors ``max_every`` steps stale are forced.
-* ``Staggered(every=10)``: per factor, ``t % every == phase[k]``: every factor refreshes once every
-  ``every`` updates, as under ``Constant(every)``, with the phases spread by refresh cost so that
-  each step carries about ``1/every`` of the refresh work (a flat step instead of a spike).
+* ``Staggered(every=10, blocks=None, together=1)``: per factor, ``t % every == phase[k]``: every
+  factor refreshes once every ``every`` updates, as under ``Constant(every)``, with the phases spread
+  by refresh cost so that each step carries about ``1/every`` of the refresh work (a flat step
+  instead of a spike); ``together=k`` keeps factors of one batch in sets of ``k`` (one LAPACK
+  batch that ``k`` threads share).
 
 ``Doubling`` and ``Halving`` test ``t - last >= f`` where the study writes ``==``: with consecutive
 ``t`` (what the optimizer feeds) the two are the same, and ``>=`` does not stall for good if a step
@@ -127,6 +132,9 @@ class RefreshSchedule:
     # True: ``decide`` also gets ``owner`` (the rank holding each factor) when factors are held by
     # more than one rank.
     needs_owner: bool = False
+    # True: ``decide`` also gets ``batch`` (equal entries: factors refreshed in one batched call when
+    # chosen together).
+    needs_batch: bool = False
 
     def decide(
         self,
@@ -588,8 +596,8 @@ class Staggered(_Schedule):
 
     **Factor count changes.** Fewer factors than before raises (the factor order is fixed for the
     optimizer's lifetime). Appended factors (``add_param_group``) keep every existing phase and are
-    placed, each as its own block, by the same greedy rule onto the phase loads of the existing
-    factors; so the bound above still holds.
+    placed, each as its own block (with ``together > 1``: in sets among themselves), by the same
+    greedy rule onto the phase loads of the existing factors; so the bound above still holds.
 
     ``blocks``: ``None`` (per factor: the finest balance; a parameter's factors may refresh at
     different steps, which the refresh math allows: factor ``i``'s new basis depends only on its
@@ -600,19 +608,35 @@ class Staggered(_Schedule):
     if any(opt.layout_of(p, g).preconditioned)]``, keeps each parameter's factors together as the
     reference does. ``sum(blocks)`` may not exceed the factor count at the first call (a check that
     the blocks describe this optimizer); factors beyond it, appended ones included, are single
-    blocks. Returns a ``torch.bool`` mask with one entry per factor.
+    blocks.
+
+    ``together``: with ``k > 1``, the factors that the engine would refresh in one batched call
+    (same working shape and dim: the ``batch`` ids the optimizer passes, as ``needs_batch`` asks)
+    and that one rank holds are taken in canonical order in sets of ``k`` (the last set of a batch
+    may be smaller), and each set is placed as one block. A step then hands LAPACK ``k`` matrices
+    of one size at once, which ``k`` threads share (one matrix at a time leaves the other threads
+    idle during its QR: at 2 threads on the ``cpu`` set ``together=1`` cost 11 % more per step
+    amortized than ``Constant(every)``, benchmarks/NOTES.md item 35), at the price of a coarser
+    balance (the bound above with a set's cost as the largest block). ``1`` (the default) places
+    every factor on its own; not combinable with ``blocks``. Returns a ``torch.bool`` mask with one
+    entry per factor.
     """
 
     needs_cost = True
     needs_owner = True
+    needs_batch = True
 
-    def __init__(self, every: int = 10, blocks: list[int] | None = None) -> None:
+    def __init__(self, every: int = 10, blocks: list[int] | None = None, together: int = 1) -> None:
         self.every = _check_int("Staggered", "every", every, 1)
         if blocks is not None:
             if isinstance(blocks, (str, bytes)) or not hasattr(blocks, "__iter__"):
                 raise ValueError(f"Staggered(blocks=...) must be None or a list of integers >= 1, got {blocks!r}")
             blocks = [_check_int("Staggered", "blocks", b, 1) for b in blocks]
         self.blocks = blocks
+        self.together = _check_int("Staggered", "together", together, 1)
+        if blocks is not None and self.together > 1:
+            raise ValueError("Staggered(blocks=..., together=...): blocks and together > 1 cannot be combined (both decide which "
+                             "factors share a phase); pass one of them")
         self._phase: list[int] | None = None  # one phase per factor, None before the first call
 
     @property
@@ -620,8 +644,18 @@ class Staggered(_Schedule):
         """Each factor's phase (``t % every`` of its refresh steps); None before the first call."""
         return None if self._phase is None else list(self._phase)
 
-    def _units(self, factors: int) -> list[list[int]]:
-        """The blocks as lists of factor indices, then single factors up to ``factors``."""
+    def _units(self, factors: int, known: int, owners: list[int], batch: list[int] | None) -> list[list[int]]:
+        """The blocks as lists of factor indices, then single factors up to ``factors``; with
+        ``together > 1`` the factors from ``known`` on in sets of one (owner, batch)."""
+        if self.together > 1:
+            assert batch is not None
+            sets: dict[tuple[int, int], list[list[int]]] = {}
+            for k in range(known, factors):
+                chunks = sets.setdefault((owners[k], batch[k]), [[]])
+                if len(chunks[-1]) == self.together:
+                    chunks.append([])
+                chunks[-1].append(k)
+            return sorted((chunk for chunks in sets.values() for chunk in chunks), key=lambda unit: unit[0])
         units, start = [], 0
         for size in self.blocks or ():
             units.append(list(range(start, start + size)))
@@ -629,7 +663,7 @@ class Staggered(_Schedule):
         units.extend([k] for k in range(start, factors))
         return units
 
-    def _assign(self, costs: list[float], owners: list[int]) -> None:
+    def _assign(self, costs: list[float], owners: list[int], batch: list[int] | None) -> None:
         factors = len(costs)
         phase = list(self._phase or [])
         known = len(phase)
@@ -639,7 +673,8 @@ class Staggered(_Schedule):
         phase.extend([-1] * (factors - known))
         # Blocks lie within the factors of the first call (checked there), so a unit is either
         # placed already or wholly new.
-        pending = [(sum(costs[k] for k in unit), unit) for unit in self._units(factors) if unit[0] >= known]
+        pending = [(sum(costs[k] for k in unit), unit) for unit in self._units(factors, known, owners, batch)
+                   if unit[0] >= known]
         for cost, unit in sorted(pending, key=lambda item: (-item[0], item[1][0])):
             mine = load.setdefault(owners[unit[0]], [0.0] * self.every)
             p = min(range(self.every), key=lambda j: (mine[j], j))
@@ -649,8 +684,9 @@ class Staggered(_Schedule):
         self._phase = phase
 
     def decide(self, t: int, *, loss=None, drift=None, cost: torch.Tensor | None = None,
-               owner: torch.Tensor | None = None) -> torch.Tensor:
-        """``owner``: each factor's owning rank (``None``: one process)."""
+               owner: torch.Tensor | None = None, batch: torch.Tensor | None = None) -> torch.Tensor:
+        """``owner``: each factor's owning rank (``None``: one process); ``batch``: each factor's
+        batch id (used with ``together > 1``, which needs it)."""
         t = _check_step(t)
         if cost is None:
             raise ValueError(
@@ -679,16 +715,33 @@ class Staggered(_Schedule):
                 raise ValueError(f"Staggered: owner must hold one rank (an integer >= 0) per factor ({factors}), "
                                  f"got {tuple(owner.shape)} {owner.dtype}")
             owners = owner.tolist()
+        batches = None
+        if self.together > 1 and (factors > known or self._phase is None):
+            if batch is None:
+                raise ValueError(
+                    f"Staggered(together={self.together}) needs `batch` (each factor's batch id); the optimizer "
+                    "passes it when schedule.needs_batch is True"
+                )
+            batch = torch.as_tensor(batch)
+            if batch.shape != (factors,) or batch.is_floating_point():
+                raise ValueError(f"Staggered: batch must hold one integer id per factor ({factors}), "
+                                 f"got {tuple(batch.shape)} {batch.dtype}")
+            batches = batch.tolist()
         if factors > known or self._phase is None:
-            self._assign(cost.tolist(), owners)
+            self._assign(cost.tolist(), owners, batches)
         assert self._phase is not None
         return torch.tensor(self._phase, dtype=torch.int64) == t % self.every
 
     def _config(self) -> dict[str, Any]:
-        return {"every": self.every, "blocks": None if self.blocks is None else list(self.blocks)}
+        return {"every": self.every, "blocks": None if self.blocks is None else list(self.blocks),
+                "together": self.together}
 
     def _progress(self) -> dict[str, Any]:
         return {"phases": self.phases}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        # A state saved before ``together`` existed placed every factor on its own.
+        super().load_state_dict({"together": 1, **state})
 
     def _load_progress(self, progress: dict[str, Any]) -> None:
         phases = progress["phases"]

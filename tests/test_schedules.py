@@ -405,6 +405,9 @@ BAD_ARGUMENTS = [
     (Staggered, (2.0,), {}),
     (Staggered, (4,), {"blocks": [2, 0]}),
     (Staggered, (4,), {"blocks": 3}),
+    (Staggered, (4,), {"together": 0}),
+    (Staggered, (4,), {"together": 1.5}),
+    (Staggered, (4,), {"blocks": [2], "together": 2}),
 ]
 
 
@@ -435,8 +438,9 @@ REPRS = [
     (LossThreshold(0.3), "LossThreshold(threshold=0.3)"),
     (DriftAdaptive(0.1), "DriftAdaptive(threshold=0.1, min_every=1, max_every=100)"),
     (Budgeted(4), "Budgeted(budget=4, max_every=100, by='count', min_drift=0.0)"),
-    (Staggered(), "Staggered(every=10, blocks=None)"),
-    (Staggered(4, blocks=[2, 1]), "Staggered(every=4, blocks=[2, 1])"),
+    (Staggered(), "Staggered(every=10, blocks=None, together=1)"),
+    (Staggered(4, blocks=[2, 1]), "Staggered(every=4, blocks=[2, 1], together=1)"),
+    (Staggered(4, together=2), "Staggered(every=4, blocks=None, together=2)"),
 ]
 
 
@@ -560,6 +564,74 @@ def test_staggered_appended_factors_keep_existing_phases():
     assert blocks.phases == [0, 0, 1, 2, 1]  # 9 -> 2 (load 0), 2 -> 1 (load 4)
 
 
+def test_staggered_together_sets_share_a_phase():
+    # Batches: {0, 2, 3, 5} (cost 4 each) and {1, 4} (cost 1 each); sets of 2 in canonical order.
+    cost = drift(4.0, 1.0, 4.0, 4.0, 1.0, 4.0)
+    batch = torch.tensor([7, 3, 7, 7, 3, 7])
+    schedule = Staggered(3, together=2)
+    schedule.decide(1, cost=cost, batch=batch)
+    # Sets {0, 2} = 8, {3, 5} = 8, {1, 4} = 2: 8 -> 0, 8 -> 1, 2 -> 2.
+    assert schedule.phases == [0, 2, 0, 1, 2, 1]
+    # An odd batch ends with a smaller set; sets of 3 may take a whole batch.
+    odd = Staggered(3, together=2)
+    odd.decide(1, cost=drift(4.0, 4.0, 4.0), batch=torch.tensor([0, 0, 0]))
+    assert odd.phases == [0, 0, 1]
+    whole = Staggered(2, together=3)
+    whole.decide(1, cost=cost, batch=batch)
+    assert whole.phases == [0, 1, 0, 0, 1, 1]  # {0, 2, 3} = 12 -> 0, {5} = 4 -> 1, {1, 4} = 2 -> 1
+    # Per owner: a set never mixes ranks.
+    owned = Staggered(3, together=2)
+    owned.decide(1, cost=drift(4.0, 4.0, 4.0, 4.0), owner=torch.tensor([0, 1, 0, 1]), batch=torch.tensor([0, 0, 0, 0]))
+    assert owned.phases[0] == owned.phases[2] and owned.phases[1] == owned.phases[3]
+    with pytest.raises(ValueError, match="needs `batch`.*needs_batch"):
+        Staggered(3, together=2).decide(1, cost=cost)
+    with pytest.raises(ValueError, match="batch must hold"):
+        Staggered(3, together=2).decide(1, cost=cost, batch=torch.zeros(6))
+    # together=1 ignores batch: the same phases as without it.
+    assert Staggered(3).decide(1, cost=cost, batch=batch).tolist() == Staggered(3).decide(1, cost=cost).tolist()
+
+
+@pytest.mark.parametrize("every", [3, 10])
+def test_staggered_together_balance_and_once_per_window(every):
+    generator = torch.Generator().manual_seed(every)
+    sizes = torch.randint(0, 4, (37,), generator=generator)
+    cost = ((sizes + 1).to(torch.float64) * 10) ** 3  # equal cost within a batch, as the shapes give
+    schedule = Staggered(every, together=2)
+    fired: dict[int, list[int]] = {k: [] for k in range(37)}
+    for t in range(1, 5 * every + 1):
+        mask = schedule.decide(t, cost=cost, batch=sizes)
+        for k in mask.nonzero().flatten().tolist():
+            fired[k].append(t)
+        assert float(cost[mask].sum()) <= 2 * float(cost.max()) + float(cost.sum()) / every
+    for steps in fired.values():
+        assert len(steps) == 5 and steps[0] <= every and all(b - a == every for a, b in zip(steps, steps[1:]))
+    # Within each batch the factors pair up, in canonical order.
+    for b in sizes.unique().tolist():
+        members = (sizes == b).nonzero().flatten().tolist()
+        for k in range(0, len(members) - 1, 2):
+            assert fired[members[k]] == fired[members[k + 1]]
+
+
+def test_staggered_together_appended_and_old_state():
+    schedule = Staggered(3, together=2)
+    schedule.decide(1, cost=drift(4.0, 4.0), batch=torch.tensor([0, 0]))
+    assert schedule.phases == [0, 0]
+    # Appended factors pair among themselves, also with a batch already seen.
+    schedule.decide(2, cost=drift(4.0, 4.0, 4.0, 4.0, 1.0), batch=torch.tensor([0, 0, 0, 0, 1]))
+    assert schedule.phases == [0, 0, 1, 1, 2]
+    # Later calls that add no factor need no batch.
+    assert schedule.decide(3, cost=drift(4.0, 4.0, 4.0, 4.0, 1.0)).tolist() == [True, True, False, False, False]
+    # A state saved before `together` existed loads as together=1.
+    old = Staggered(5)
+    old.load_state_dict({"schedule": "Staggered", "every": 3, "blocks": None, "phases": [0, 2]})
+    assert old.together == 1 and old.phases == [0, 2]
+    state = schedule.state_dict()
+    assert_plain(state)
+    resumed = Staggered()
+    resumed.load_state_dict(torch_round_trip(state))
+    assert resumed.together == 2 and resumed.phases == schedule.phases
+
+
 def test_staggered_rejects_bad_cost():
     with pytest.raises(ValueError, match="needs `cost`.*needs_cost"):
         Staggered(3).decide(1)
@@ -612,9 +684,10 @@ def _run_soap(backend: str, schedule, steps: int, shapes=STAGGER_SHAPES, cls=Non
 class _Recording(Staggered):
     """Staggered that keeps what the optimizer passed."""
 
-    def decide(self, t, *, loss=None, drift=None, cost=None):
+    def decide(self, t, *, loss=None, drift=None, cost=None, **extra):
         self.seen = (t, cost.clone())
-        mask = super().decide(t, loss=loss, drift=drift, cost=cost)
+        self.extra = extra
+        mask = super().decide(t, loss=loss, drift=drift, cost=cost, **extra)
         self.fired = [*getattr(self, "fired", []), mask.clone()]
         return mask
 
@@ -646,6 +719,25 @@ def test_staggered_gets_the_cost_and_refreshes_what_it_says():
     assert sum(b["refreshes"] for b in opt.buckets_info()) == 3 * factors
     # Spread: no step refreshed every factor.
     assert max(int(m.sum()) for m in schedule.fired) < factors
+
+
+@pytest.mark.parametrize("together", [2, 3])
+def test_staggered_together_with_the_optimizer(together):
+    """The optimizer passes equal batch ids to factors of one shape and dim, on both backends; the
+    sets refresh together and the engine stays in lockstep with the reference."""
+    from conftest import assert_lockstep
+
+    ref, _ = _run_soap("reference", Staggered(4, together=together), 13)
+    schedule = _Recording(4, together=together)
+    eng, _ = _run_soap("torch", schedule, 13)
+    batch = schedule.extra["batch"]
+    # STAGGER_SHAPES: (12, 8) twice, (8,), (6, 5, 4), (20, 3), (5, 4); max_precond_dim 16.
+    assert batch.dtype == torch.int64 and batch.tolist() == [0, 1, 0, 1, 2, 3, 4, 5, 6, 7]
+    assert ref.schedule.phases == eng.schedule.phases
+    phases = eng.schedule.phases
+    assert phases[0] == phases[2] and phases[1] == phases[3]  # the two (12, 8) parameters' factors
+    assert torch.stack(schedule.fired).sum(0).tolist() == [3] * len(phases)
+    assert_lockstep(ref, eng)
 
 
 def test_staggered_one_block_is_constant():

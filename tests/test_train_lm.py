@@ -245,13 +245,14 @@ def test_schedule_option() -> None:
     parse = train_lm.parse_schedule
     assert repr(parse("Staggered:10")) == repr(schedules.Staggered(10))
     assert repr(parse("staggered:every=4,blocks=[2,2]")) == repr(schedules.Staggered(4, blocks=[2, 2]))
+    assert repr(parse("Staggered:10,together=2")) == repr(schedules.Staggered(10, together=2))
     assert repr(parse("Doubling:start=2,clip=16")) == repr(schedules.Doubling(2, 16))
     assert repr(parse("Doubling:2,clip=None")) == repr(schedules.Doubling(2, None))
     assert repr(parse("Budgeted:2,by=flops,min_drift=0.1")) == repr(schedules.Budgeted(2, by="flops", min_drift=0.1))
     assert repr(parse("Constant")) == repr(schedules.Constant())
     with pytest.raises(argparse.ArgumentTypeError, match="choose from Constant, Doubling, .*Staggered"):
         parse("Sometimes:3")
-    with pytest.raises(argparse.ArgumentTypeError, match=r"Staggered\(every=10, blocks=None\)"):
+    with pytest.raises(argparse.ArgumentTypeError, match=r"Staggered\(every=10, blocks=None, together=1\)"):
         parse("Staggered:0")
     with pytest.raises(argparse.ArgumentTypeError, match="after key=value"):
         parse("Doubling:start=2,16")
