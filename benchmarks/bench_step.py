@@ -14,7 +14,8 @@ the same run, the lean-FLOP floor, and optimizer-state bytes per parameter.
 
 ``--optimizers`` (default ``auto``: everything that can run here): ``adamw`` (fused=True),
 ``adamw-foreach``, ``reference``, ``torch``, ``triton`` (``triton-tf32``, ``triton-bf16``: rotation
-GEMM precision), ``auto`` (SOAP's own choice), ``upstream`` (needs ``--upstream``).
+GEMM precision), ``auto`` (SOAP's own choice), ``upstream`` (needs ``--upstream``); a SOAP backend's
+name with ``+keep`` (``auto+keep``) is that backend with ``keep_refresh_scratch=True``.
 ``--peers`` adds the other SOAP implementations, built only through ``python/lm/peers.py``:
 HeavyBall's ``SOAP`` (``heavyball_soap``, timed as a user gets it: with its default ``compile``
 mode, which on the CPU means TorchInductor generates C++/OpenMP kernels during the first steps —
@@ -143,6 +144,8 @@ def make_optimizer(name: str, params, args, upstream: type | None = None, peers=
         if upstream is None:
             raise ValueError("the 'upstream' optimizer needs --upstream PATH/TO/soap.py")
         return upstream(params, **_upstream_kwargs(upstream, args.frequency))
+    if name.endswith("+keep"):  # SOAP(keep_refresh_scratch=True) on that backend
+        return SOAP(params, backend=name[: -len("+keep")], keep_refresh_scratch=True, **h)
     if name.startswith("triton-"):
         return SOAP(params, backend="triton", rotation_precision=name.split("-", 1)[1], **h)
     return SOAP(params, backend=name, **h)

@@ -422,6 +422,8 @@ class BatchedEngine:
 
     def __init__(self, second_moment: str = "adam", backend: str = "torch", precision: str = "fp32") -> None:
         self.workspace_pool = WorkspacePool()
+        # SOAP(keep_refresh_scratch=True): ops.refresh_scratch's buffers, kept between steps.
+        self.kept_scratch: dict | None = None
         self.second_moment = second_moment
         self.backend = backend
         self.precision = precision

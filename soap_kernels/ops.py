@@ -37,19 +37,22 @@ _local = threading.local()
 
 
 @contextmanager
-def refresh_scratch() -> Iterator[None]:
+def refresh_scratch(store: dict | None = None) -> Iterator[None]:
     """Inside the block the refresh's large CPU temporaries (:func:`scratch_empty`) come from
     buffers that live until the block ends, so the refreshes of one step reuse one set of pages.
 
     A fresh large CPU tensor is fresh pages from the OS (glibc maps and unmaps big blocks): on the
     bench set a refresh step touched 420 MB of fresh pages, ~0.33 ms per MB of page faults
-    (benchmarks/NOTES.md 27). Nothing is kept after the block, so the memory between steps is
-    unchanged. The values are the same (only where they are written changes), so are the bits.
+    (benchmarks/NOTES.md 27). Without ``store`` nothing is kept after the block, so the memory
+    between steps is unchanged. With ``store`` (a dict the caller keeps: ``SOAP(...,
+    keep_refresh_scratch=True)``) the buffers stay in it after the block and the next block reuses
+    their pages (NOTES 37). The values are the same (only where they are written changes), so are
+    the bits.
     """
     if getattr(_local, "scratch", None) is not None or not REFRESH_SCRATCH:
         yield
         return
-    _local.scratch = {}
+    _local.scratch = {} if store is None else store
     try:
         yield
     finally:
@@ -375,7 +378,10 @@ def reorthonormalize_(q: Tensor) -> None:
     if q.device.type == "cpu" and d < _REORTH_FIRST_ORDER_FROM:
         _householder_reorthonormalize_(q)
         return
-    u = scratch_empty("reorth_u", (b, d, d), q)
+    # The scratch tags of refresh_factor, whose temporaries are dead by now (the engine
+    # re-orthonormalises after the refresh), so both share pages: "permuted" is [b, d, d] too,
+    # "rq_top" [b, d/2, d] and "q_perm" [b, d, d].
+    u = scratch_empty("permuted", (b, d, d), q)
     h = d // 2 if d >= _REORTH_BLOCKED_FROM else d
     q1, q2 = q[:, :, :h], q[:, :, h:]
     torch.matmul(q1.mT, q, out=u[:, :h, :])  # [S11 S12] + [I 0]
@@ -393,9 +399,9 @@ def reorthonormalize_(q: Tensor) -> None:
     saved = q.index_select(0, far.nonzero().squeeze(1)) if bool(far.any()) else None
     # Q·(I − U) by column blocks, each into its own contiguous buffer (batched GEMMs), copied back
     # into q once both are formed (the second block reads both column blocks of q).
-    t1 = torch.baddbmm(q1, q1, u[:, :h, :h], alpha=-1.0, out=scratch_empty("reorth_t1", (b, d, h), q))
+    t1 = torch.baddbmm(q1, q1, u[:, :h, :h], alpha=-1.0, out=scratch_empty("rq_top", (b, d, h), q))
     if h < d:
-        t2 = torch.baddbmm(q2, q1, u[:, :h, h:], alpha=-1.0, out=scratch_empty("reorth_t2", (b, d, d - h), q))
+        t2 = torch.baddbmm(q2, q1, u[:, :h, h:], alpha=-1.0, out=scratch_empty("q_perm", (b, d, d - h), q))
         t2.baddbmm_(q2, u[:, h:, h:], alpha=-1.0)
         q2.copy_(t2)
     q1.copy_(t1)

@@ -385,3 +385,45 @@ def test_refresh_scratch_keeps_the_bits(monkeypatch):
     without = run(False)
     assert served and not any(served)
     assert all(torch.equal(a, b) for a, b in zip(with_scratch, without))
+
+
+def test_kept_refresh_scratch_keeps_the_bits_and_the_buffers(monkeypatch):
+    """keep_refresh_scratch=True: the refresh temporaries outlive the step (reported as workspace)
+    and are reused; the bits equal the default's, and a fresh allocation per temporary's, over
+    refreshes that re-orthonormalise by the first-order correction (d = 128, which borrows the
+    refresh's scratch tags)."""
+    import copy
+    import pickle
+
+    from soap_kernels import SOAP, engine, ops
+
+    def run(keep: bool):
+        gen = torch.Generator().manual_seed(1)
+        shapes = [(128, 16), (128, 16), (16,)]
+        params = [torch.nn.Parameter(torch.randn(s, generator=gen)) for s in shapes]
+        opt = SOAP(params, lr=1e-2, precondition_frequency=2, backend="torch", keep_refresh_scratch=keep)
+        sizes = []
+        for _ in range(2 * engine.REORTHONORMALIZE_EVERY + 3):
+            for p in params:
+                p.grad = torch.randn(p.shape, generator=gen)
+            opt.step()
+            sizes.append(opt.memory_info()["workspace_bytes"])
+        return opt, [p.detach().clone() for p in params], sizes
+
+    kept, kept_params, kept_sizes = run(True)
+    fresh, fresh_params, fresh_sizes = run(False)
+    assert all(torch.equal(a, b) for a, b in zip(kept_params, fresh_params))
+    monkeypatch.setattr(ops, "REFRESH_SCRATCH", False)
+    _, unshared_params, _ = run(False)
+    monkeypatch.undo()
+    assert all(torch.equal(a, b) for a, b in zip(kept_params, unshared_params))
+    scratch = kept._engine.kept_scratch
+    assert scratch and {tag for tag, _ in scratch} >= {"saved_stats", "saved_q", "permuted", "q_perm"}
+    held = sum(t.numel() * t.element_size() for t in scratch.values())
+    assert kept_sizes[-1] == fresh_sizes[-1] + held
+    assert kept_sizes[-2] == kept_sizes[-1]  # reused, not grown, once every size has refreshed
+    assert fresh._engine.kept_scratch is None
+    for clone in (copy.deepcopy(kept), pickle.loads(pickle.dumps(kept))):
+        assert clone.keep_refresh_scratch and clone._engine.kept_scratch == {}
+    with pytest.raises(TypeError, match="keep_refresh_scratch must be a bool"):
+        SOAP([torch.nn.Parameter(torch.zeros(2, 2))], keep_refresh_scratch=1)
