@@ -144,8 +144,8 @@ class SOAP(torch.optim.Optimizer):
             the refreshing step only (the memory between steps is the state and the step's
             workspace). ``True``: they are kept between steps and reused, so a refresh step does
             not take fresh pages from the OS for them (page faults cost 0.3–0.6 ms per MB on the
-            VMs measured): on the bench set of benchmarks/NOTES.md 37 the refresh step −12 %, the
-            amortized step −5 %, for about 13 B/param more between steps (``memory_info()``
+            VMs measured): on the bench set of benchmarks/NOTES.md 37 the refresh step −8 to −10 %,
+            the amortized step −3 to −4.5 %, for about 13 B/param more between steps (``memory_info()``
             reports it as workspace). The bits are the same either way. CPU engine backends only:
             on CUDA PyTorch's caching allocator already reuses the memory; ``backend="reference"``
             allocates as the reference does.
