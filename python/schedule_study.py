@@ -20,6 +20,7 @@ Schedules (``--schedules``; intervals scale with the run length ``N`` = ``--step
     budgeted           Budgeted(ceil(factors/10), max_every=20): every factor about every 10 steps
     staggered          Staggered(10): every factor every 10 steps, phases spread by refresh cost
     staggered_params   Staggered(10, blocks=factors per parameter): the same, a parameter's factors together
+    staggered_pairs    Staggered(10, together=2): the same, the factors of one shape and dim in pairs
 
 For each (task, schedule, seed): the training loss of every step, the cumulative training time
 (data, forward, backward, optimizer step; evaluations excluded) as wall-clock and as process CPU
@@ -93,6 +94,7 @@ SCHEDULES = (
     "budgeted",
     "staggered",
     "staggered_params",
+    "staggered_pairs",
 )
 DEFAULT_SEEDS = {"cnn": [0, 1, 2], "lm": [0]}
 QUICK = {
@@ -152,6 +154,8 @@ def make_schedule(
         if blocks is None:
             raise ValueError("staggered_params needs the factors per parameter (blocks)")
         return Staggered(10, blocks=blocks)
+    if name == "staggered_pairs":
+        return Staggered(10, together=2)
     raise ValueError(f"unknown schedule {name!r}; choose from {', '.join(SCHEDULES)}")
 
 
