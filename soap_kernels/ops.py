@@ -379,8 +379,8 @@ def reorthonormalize_(q: Tensor) -> None:
         _householder_reorthonormalize_(q)
         return
     # The scratch tags of refresh_factor, whose temporaries are dead by now (the engine
-    # re-orthonormalises after the refresh), so both share pages: "permuted" is [b, d, d] too,
-    # "rq_top" [b, d/2, d] and "q_perm" [b, d, d].
+    # re-orthonormalises after the refresh), so both share pages ("permuted" and "q_perm" are
+    # [b, d, d], "rq_top" [b, d/2, d]; a tag's buffer grows when a request is larger).
     u = scratch_empty("permuted", (b, d, d), q)
     h = d // 2 if d >= _REORTH_BLOCKED_FROM else d
     q1, q2 = q[:, :, :h], q[:, :, h:]

@@ -624,7 +624,12 @@ class Staggered(_Schedule):
 
     needs_cost = True
     needs_owner = True
-    needs_batch = True
+
+    @property
+    def needs_batch(self) -> bool:  # type: ignore[override]
+        """Only ``together > 1`` uses the batch ids (so a subclass written before them still
+        gets the calls it expects)."""
+        return self.together > 1
 
     def __init__(self, every: int = 10, blocks: list[int] | None = None, together: int = 1) -> None:
         self.every = _check_int("Staggered", "every", every, 1)

@@ -800,3 +800,14 @@ def test_staggered_balances_each_owner_on_its_own():
     assert per_owner.phases == [0, 0, 1, 1]
     with pytest.raises(ValueError, match="owner"):
         Staggered(2).decide(1, cost=cost, owner=torch.tensor([0, 1]))
+
+
+def test_staggered_asks_for_batch_ids_only_when_it_uses_them():
+    assert not Staggered(4).needs_batch and Staggered(4, together=2).needs_batch
+
+    class OldStyle(Staggered):  # a subclass written before `batch` existed
+        def decide(self, t, *, loss=None, drift=None, cost=None, owner=None):
+            return super().decide(t, loss=loss, drift=drift, cost=cost, owner=owner)
+
+    opt, _ = _run_soap("torch", OldStyle(4), 9)
+    assert len(set(opt.schedule.phases)) > 1
