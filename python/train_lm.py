@@ -238,6 +238,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--merge-dims", action="store_true", help="merge dims while their product <= --max-precond-dim")
     p.add_argument("--schedule", type=_schedule_option, metavar="NAME[:ARGS]", help=_schedule_help())
     p.add_argument("--soap-backend", default="auto", help="soap_kernels backend for soap and shampoo")
+    p.add_argument("--keep-refresh-scratch", action="store_true",
+                   help="SOAP(keep_refresh_scratch=True) for soap and shampoo: the refresh temporaries kept between "
+                        "steps (a faster refresh step on the CPU for ~13 B/param more memory; the same bits)")
     p.add_argument(
         "--upstream-soap",
         type=Path,
@@ -320,6 +323,7 @@ def resolve_config(args: argparse.Namespace) -> dict:
         "merge_dims": args.merge_dims,
         "schedule": args.schedule,
         "soap_backend": args.soap_backend,
+        "keep_refresh_scratch": args.keep_refresh_scratch,
         "optimizers": optimizers,
         "lr_grid": {name: grid.get(name, [preset.lr[name]] if name in preset.lr else soap_grid) for name in optimizers},
         "peers": available,
@@ -402,7 +406,8 @@ def make_optimizer(name: str, param_groups: list[dict], lr: float, config: dict)
     else:
         optimizer_class = SOAP
     schedule = parse_schedule(config["schedule"]) if config["schedule"] else None  # a fresh one per run
-    return optimizer_class(param_groups, **shared, backend=config["soap_backend"], second_moment=second_moment, schedule=schedule)
+    return optimizer_class(param_groups, **shared, backend=config["soap_backend"], second_moment=second_moment,
+                           schedule=schedule, keep_refresh_scratch=bool(config.get("keep_refresh_scratch", False)))
 
 
 def optimizer_state_bytes(name: str, optimizer: torch.optim.Optimizer) -> int:

@@ -417,3 +417,16 @@ def test_resume_refuses_other_options(tmp_path: Path) -> None:
         train_lm.main([*tiny_args(out, "adamw", "--steps", "8"), "--resume", str(out)])
     with pytest.raises(SystemExit, match="drop --out"):
         train_lm.main(["--preset", "tiny", "--resume", str(out), "--out", str(tmp_path / "elsewhere")])
+
+
+def test_keep_refresh_scratch_option() -> None:
+    parser = train_lm.build_parser()
+    assert train_lm.resolve_config(parser.parse_args(["--preset", "tiny"]))["keep_refresh_scratch"] is False
+    config = train_lm.resolve_config(parser.parse_args(["--preset", "tiny", "--keep-refresh-scratch"]))
+    assert config["keep_refresh_scratch"] is True
+    groups = [{"params": [torch.nn.Parameter(torch.zeros(4, 4))]}]
+    assert train_lm.make_optimizer("soap", groups, 0.01, config).keep_refresh_scratch
+    # A config written before the option (a resumed run's) builds the default.
+    del config["keep_refresh_scratch"]
+    groups = [{"params": [torch.nn.Parameter(torch.zeros(4, 4))]}]
+    assert not train_lm.make_optimizer("shampoo", groups, 0.01, config).keep_refresh_scratch
