@@ -43,8 +43,9 @@ def _gram_update_kernel(
     Shapes: X ``[Bt, D, K]`` fp32 (strided), S ``[Bt, D, D]`` fp32 (strided), updated in place.
     The program for tile ``(i, j)``, ``i < j``, computes ``P = X_i X_jᵀ`` once and updates both
     ``S_ij ← β S_ij + (1-β) P`` and ``S_ji ← β S_ji + (1-β) Pᵀ`` (each from its own old value,
-    so a not-exactly-symmetric S is treated exactly like ``torch.baddbmm``); programs with
-    ``i > j`` exit at once. fp32 products and accumulation.
+    so a not-exactly-symmetric S is treated exactly like ``torch.baddbmm``); a diagonal tile's
+    lower triangle takes its upper triangle's products, so ``X Xᵀ`` comes out bitwise symmetric;
+    programs with ``i > j`` exit at once. fp32 products and accumulation.
     FLOPs ``Bt·D·(D+BLOCK)·K`` (half of the ``2·Bt·D²·K`` of a full GEMM, plus the diagonal
     tiles); bytes ≈ ``4·Bt·(D·K·D/BLOCK + 2·D²)``.
     """
@@ -62,6 +63,11 @@ def _gram_update_kernel(
         stride_xd, stride_xk, stride_xk, stride_xd,
         "ieee", False, False, False, BLOCK_M, BLOCK_N, BLOCK_K,
     )  # fmt: skip
+    if pid_m == pid_n:
+        # A diagonal tile's product need not come out bitwise symmetric (the interpreter's numpy
+        # GEMM on an AVX2 CPU did not): its lower triangle takes the upper one's bits, as the
+        # mirrored off-diagonal tiles do. Square tiles (BLOCK_M == BLOCK_N), so offs_n = offs_m.
+        acc = tl.where(offs_m[:, None] <= offs_n[None, :], acc, tl.trans(acc))
     mask = (offs_m[:, None] < D) & (offs_n[None, :] < D)
     s_b = s_ptr + pid_b * stride_sb
     upper = s_b + offs_m[:, None] * stride_sr + offs_n[None, :] * stride_sc
