@@ -77,6 +77,27 @@ def backends_here() -> list[str]:
     return [b for b in ("reference", "torch", "triton") if info.get(b, {}).get("available")]
 
 
+def numpy_blas_core() -> str:
+    """The kernel set numpy's OpenBLAS picked for this CPU ("Haswell", "SkylakeX", ...), or "" where
+    it cannot be read. The Triton interpreter's ``tl.dot`` is numpy's matmul, so the Triton runs'
+    bits depend on it (on one AMD VM the torch runs matched a recording and the Triton runs did not)."""
+    import ctypes
+    import glob
+
+    import numpy
+
+    libs = os.path.join(os.path.dirname(numpy.__file__), os.pardir, "numpy.libs", "libscipy_openblas*")
+    for lib in glob.glob(libs):
+        for symbol in ("scipy_openblas_get_corename64_", "scipy_openblas_get_corename"):
+            try:
+                get = getattr(ctypes.CDLL(lib), symbol)
+            except (OSError, AttributeError):
+                continue
+            get.restype = ctypes.c_char_p
+            return get().decode()
+    return ""
+
+
 def record(path: str) -> None:
     """Every case on every backend here, as tests/test_trajectories.py replays them: every batched
     LAPACK call at one thread (matrix by matrix), two intra-op threads."""
@@ -91,7 +112,10 @@ def record(path: str) -> None:
                 continue
             runs[(backend, name)] = trajectory(shapes, kwargs, backend)
             print(backend, name, flush=True)
-    torch.save({"steps": STEPS, "torch": torch.__version__, "runs": runs}, path)
+    import numpy
+
+    torch.save({"steps": STEPS, "torch": torch.__version__, "numpy": numpy.__version__, "blas": numpy_blas_core(),
+                "runs": runs}, path)
 
 
 if __name__ == "__main__":
