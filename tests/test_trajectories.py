@@ -67,6 +67,7 @@ def matching_recording() -> str | None:
 
 
 MATCHING = matching_recording()
+BLAS_HERE = numpy_blas_core()  # the kernels numpy's OpenBLAS runs on here (the interpreter's tl.dot)
 NO_RECORDING = (f"no trajectory recording of this kind of machine (torch {torch.__version__}, CPU "
                 f"{cpu_vendor() or 'unknown'}, {torch.backends.cpu.get_cpu_capability()}); record one with "
                 "`python tests/trajectories.py record tests/data/trajectories_<commit>_<vendor>-<capability>.pt` "
@@ -171,7 +172,7 @@ def test_triton_trajectory_matches_main(recorded, name):
     # picked for the CPU, which a recording names from the AVX2 one on (older ones passed on the
     # machines they were made on and are asserted as before).
     blas = recorded.get("blas")
-    if blas is not None and blas != numpy_blas_core():
-        print(f"  bits not compared: recorded with numpy's OpenBLAS {blas!r} kernels, here {numpy_blas_core()!r}")
+    if blas is not None and blas != BLAS_HERE:
+        print(f"  bits not compared: recorded with numpy's OpenBLAS {blas!r} kernels, here {BLAS_HERE!r}")
         return
     assert same
