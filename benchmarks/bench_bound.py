@@ -87,6 +87,8 @@ def main(argv=None) -> None:
     p.add_argument("--frequency", type=int, default=10, help="refresh every this many steps (default 10)")
     p.add_argument("--reps", type=int, default=5, help="best of this many timings of each group")
     p.add_argument("--out-dir", type=Path, default=None, help="where the JSON goes (benchmarks/results/)")
+    p.add_argument("--tag", default="", help="suffix of the result name (bound_<set>_cpu_<tag>.json), so that a run "
+                   "on another machine does not overwrite a committed one")
     args = p.parse_args(argv)
     shapes = harness.gpt_shapes(*harness.PRESETS[args.preset])
     device = torch.device("cpu")
@@ -119,7 +121,7 @@ def main(argv=None) -> None:
         "environment": harness.environment(device),
         "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY"),
     }
-    path = harness.write_json(harness.result_stem("bound", args.preset, device) + ".json", payload, args.out_dir)
+    path = harness.write_json(harness.result_stem("bound", args.preset, device, args.tag) + ".json", payload, args.out_dir)
     print(f"wrote {path}")
 
 
