@@ -27,7 +27,6 @@ in the same process instead. See docs/DESIGN.md §7 for the cases that changed o
 
 from __future__ import annotations
 
-import sys
 from pathlib import Path
 
 import pytest
@@ -67,12 +66,10 @@ def cpu_vendor() -> str:
     return ""
 
 
-def matching_recording(vendor: str, capability: str, blas: str, recordings=RECORDINGS) -> str | None:
+def matching_recording(vendor: str, capability: str, blas: str) -> str | None:
     """The recording made on this kind of machine (CPU ``vendor``, ATen ``capability``, numpy's
-    OpenBLAS kernels ``blas``), or None."""
-    if not SAME_TORCH:
-        return None
-    fits = [(name, want_blas) for name, want_vendor, want_capability, want_blas in recordings
+    OpenBLAS kernels ``blas``) with this torch, or None."""
+    fits = [(name, want_blas) for name, want_vendor, want_capability, want_blas in RECORDINGS
             if vendor == want_vendor and want_capability in (None, capability)]
     for wanted in (blas, None):
         for name, want_blas in fits:
@@ -82,7 +79,8 @@ def matching_recording(vendor: str, capability: str, blas: str, recordings=RECOR
 
 
 BLAS_HERE = numpy_blas_core()  # the kernels numpy's OpenBLAS runs on here (the interpreter's tl.dot)
-MATCHING = matching_recording(cpu_vendor(), torch.backends.cpu.get_cpu_capability(), BLAS_HERE)
+MATCHING = (matching_recording(cpu_vendor(), torch.backends.cpu.get_cpu_capability(), BLAS_HERE)
+            if SAME_TORCH else None)
 NO_RECORDING = (f"no trajectory recording of this kind of machine (torch {torch.__version__}, CPU "
                 f"{cpu_vendor() or 'unknown'}, {torch.backends.cpu.get_cpu_capability()}); record one with "
                 "`python tests/trajectories.py record tests/data/trajectories_<commit>_<vendor>-<capability>.pt` "
@@ -132,8 +130,7 @@ def recorded():
     (("GenuineIntel", "AVX512", "SkylakeX"), "trajectories_fbf1f84_GenuineIntel-AVX512.pt"),
     (("GenuineIntel", "AVX2", "Haswell"), None),
 ])
-def test_recording_chosen_by_machine(monkeypatch, machine, expected):
-    monkeypatch.setattr(sys.modules[__name__], "SAME_TORCH", True)
+def test_recording_chosen_by_machine(machine, expected):
     assert matching_recording(*machine) == expected
 
 
@@ -208,7 +205,7 @@ def test_triton_trajectory_matches_main(recorded, name):
     # The interpreter's tl.dot is numpy's matmul: its bits follow the kernels numpy's OpenBLAS
     # picked for the CPU, which a recording names from the AVX2 one on (RECORDINGS names 542cb77's,
     # inferred; the Intel one's are unknown and asserted as on the machine it was made on).
-    blas = recorded.get("blas") or RECORDED_BLAS[MATCHING]
+    blas = RECORDED_BLAS[MATCHING]
     if blas is not None and blas != BLAS_HERE:
         print(f"  bits not compared: recorded with numpy's OpenBLAS {blas!r} kernels, here {BLAS_HERE!r}")
         return
